@@ -1,0 +1,27 @@
+"""k-bit blockwise quantization (NF-k, Int-k, FP4, FP8), bit-exact with bitsandbytes."""
+
+from qlora_jax.quant.codebooks import SUPPORTED_BITS, DataType, get_data_type
+from qlora_jax.quant.tensor import (
+  MemoryReport,
+  QuantizedTensor,
+  QuantSpec,
+  block_absmax,
+  dequantize,
+  expected_bits_per_param,
+  memory_report,
+  quantize,
+)
+
+__all__ = [
+  "SUPPORTED_BITS",
+  "DataType",
+  "MemoryReport",
+  "QuantSpec",
+  "QuantizedTensor",
+  "block_absmax",
+  "dequantize",
+  "expected_bits_per_param",
+  "get_data_type",
+  "memory_report",
+  "quantize",
+]

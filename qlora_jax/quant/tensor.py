@@ -1,0 +1,235 @@
+"""QuantizedTensor: packed k-bit codes and block scales as one pytree."""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.quant import blockwise, packing
+from qlora_jax.quant.codebooks import DataType, get_data_type
+
+MAX_BLOCK_SIZE = 4096
+_FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How to quantize a tensor: data type, block size, double quantization."""
+
+  data_type: str = "nf4"
+  block_size: int = 64
+  double_quant: bool = True
+
+  def __post_init__(self):
+    get_data_type(self.data_type)  # raises on unknown names
+    check_block_size(self.block_size)
+
+
+def check_block_size(block_size: Any) -> None:
+  if (
+    isinstance(block_size, bool)
+    or not isinstance(block_size, (int, np.integer))
+    or block_size <= 0
+    or block_size % 2
+    or block_size > MAX_BLOCK_SIZE
+  ):
+    raise ValueError(
+      f"block_size must be a positive multiple of 2 up to {MAX_BLOCK_SIZE}, "
+      f"got {block_size!r}"
+    )
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["codes", "absmax", "absmax2", "offset"],
+  meta_fields=["shape", "data_type", "block_size", "dtype"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+  """A tensor stored as packed k-bit codes plus per-block absmax scales.
+
+  The tensor is quantized as its flattened row-major sequence (bitsandbytes'
+  layout). Array fields are pytree leaves; the rest is static metadata.
+
+  Attributes:
+    codes: uint8, the packed codes of the flattened tensor.
+    absmax: float32 per block, or uint8 second-level codes (double quant).
+    absmax2: float32 per group of 256 blocks (double quant), else None.
+    offset: float32 scalar, the mean block absmax (double quant), else None.
+    shape: shape of the original tensor.
+    data_type: name of the k-bit data type ("nf4", "int3", ...).
+    block_size: elements per block.
+    dtype: name of the original float dtype (the default dequantize dtype).
+  """
+
+  codes: jax.Array
+  absmax: jax.Array
+  absmax2: jax.Array | None
+  offset: jax.Array | None
+  shape: tuple[int, ...]
+  data_type: str
+  block_size: int
+  dtype: str
+
+  @property
+  def double_quant(self) -> bool:
+    return self.absmax2 is not None
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def spec(self) -> QuantSpec:
+    return QuantSpec(self.data_type, self.block_size, self.double_quant)
+
+  @property
+  def nbytes(self) -> int:
+    leaves = jax.tree_util.tree_leaves(self)
+    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in leaves))
+
+
+def _check_input(x: Any, name: str | None) -> jnp.ndarray:
+  what = f"tensor {name!r}" if name else "input"
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    x = np.asarray(x)
+    dtype = x.dtype
+  if jnp.dtype(dtype).name not in _FLOAT_DTYPES:
+    raise ValueError(
+      f"cannot quantize {what} of dtype {jnp.dtype(dtype).name}: expected "
+      f"one of {', '.join(_FLOAT_DTYPES)}"
+    )
+  if not isinstance(x, jax.core.Tracer) and not bool(jnp.isfinite(x).all()):
+    bad = np.argwhere(~np.isfinite(np.asarray(x, np.float32)))
+    if len(bad):
+      raise ValueError(
+        f"cannot quantize {what}: {len(bad)} non-finite value(s), the first "
+        f"at index {tuple(int(i) for i in bad[0])}"
+      )
+  return x
+
+
+@functools.partial(
+  jax.jit, static_argnames=("data_type", "block_size", "double_quant")
+)
+def _quantize(x, data_type: str, block_size: int, double_quant: bool):
+  dt = get_data_type(data_type)
+  codes, absmax = blockwise.quantize_blocks(x.reshape(-1), dt, block_size)
+  packed = packing.pack(codes, dt.bits, pad_code=dt.zero_code)
+  if not double_quant:
+    return packed, absmax, None, None
+  q8, absmax2, offset = blockwise.double_quantize(absmax)
+  return packed, q8, absmax2, offset
+
+
+def quantize(
+  x: Any,
+  data_type: str = "nf4",
+  block_size: int = 64,
+  double_quant: bool = False,
+  name: str | None = None,
+) -> QuantizedTensor:
+  """Quantizes a float tensor blockwise into a QuantizedTensor.
+
+  Args:
+    x: float32, bfloat16 or float16 array of any shape.
+    data_type: "nf4", "fp4", "fp8", or "nf<k>" / "int<k>", k in 2,3,4,5,6,8.
+    block_size: elements per absmax block, a multiple of 2 up to 4096.
+    double_quant: quantize the block absmax again (bitsandbytes'
+      `compress_statistics`).
+    name: the tensor's name, for error messages.
+
+  Raises:
+    ValueError: unknown data type, bad block size, non-float input, or (for
+      concrete inputs) a non-finite value.
+  """
+  dt = get_data_type(data_type)
+  check_block_size(block_size)
+  x = _check_input(x, name)
+  shape = tuple(int(d) for d in x.shape)
+  if not shape or int(np.prod(shape)) == 0:
+    raise ValueError(
+      f"cannot quantize {'tensor ' + repr(name) if name else 'input'} of "
+      f"shape {shape}: it needs at least one element"
+    )
+  codes, absmax, absmax2, offset = _quantize(
+    jnp.asarray(x), dt.name, int(block_size), bool(double_quant)
+  )
+  return QuantizedTensor(
+    codes,
+    absmax,
+    absmax2,
+    offset,
+    shape=shape,
+    data_type=dt.name,
+    block_size=int(block_size),
+    dtype=jnp.dtype(x.dtype).name,
+  )
+
+
+def block_absmax(qt: QuantizedTensor) -> jnp.ndarray:
+  """The float32 absmax of every block (reconstructed if double-quantized)."""
+  if qt.absmax2 is None:
+    return qt.absmax
+  return blockwise.dequantize_absmax(qt.absmax, qt.absmax2, qt.offset)
+
+
+def dequantize(qt: QuantizedTensor, dtype: Any = None) -> jnp.ndarray:
+  """Back to floats: table value times block absmax in float32, then cast."""
+  out_dtype = jnp.dtype(dtype if dtype is not None else qt.dtype)
+  return _dequantize(qt, out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(qt: QuantizedTensor, dtype) -> jnp.ndarray:
+  dt: DataType = get_data_type(qt.data_type)
+  codes = packing.unpack(qt.codes, dt.bits, qt.size)
+  values = blockwise.dequantize_blocks(
+    codes, block_absmax(qt), dt, qt.block_size
+  )
+  return values.astype(dtype).reshape(qt.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+  """Storage of a quantized tensor, scales included."""
+
+  num_params: int
+  code_bytes: int
+  scale_bytes: int
+
+  @property
+  def total_bytes(self) -> int:
+    return self.code_bytes + self.scale_bytes
+
+  @property
+  def bits_per_param(self) -> float:
+    return 8.0 * self.total_bytes / self.num_params
+
+
+def memory_report(qt: QuantizedTensor) -> MemoryReport:
+  """Bytes of codes and scales and bits per parameter of `qt`."""
+
+  def nbytes(a):
+    return 0 if a is None else int(np.prod(a.shape)) * a.dtype.itemsize
+
+  scales = nbytes(qt.absmax) + nbytes(qt.absmax2) + nbytes(qt.offset)
+  return MemoryReport(qt.size, nbytes(qt.codes), scales)
+
+
+def expected_bits_per_param(spec: QuantSpec) -> float:
+  """Asymptotic bits/param of a spec (large tensors): codes plus scales."""
+  bits = get_data_type(spec.data_type).bits
+  if not spec.double_quant:
+    return bits + 32.0 / spec.block_size
+  return (
+    bits + 8.0 / spec.block_size + 32.0 / (spec.block_size * blockwise.DQ_GROUP)
+  )
