@@ -1,0 +1,47 @@
+"""QLoRA layers: frozen (quantized) bases, LoRA adapters, trainable trees."""
+
+from qlora_jax.nn.dense import BASE, PARAMS, QLoRADense, base_param, path_name
+from qlora_jax.nn.frozen_matmul import (
+  dequantized,
+  frozen_matmul,
+  quantized_matmul,
+)
+from qlora_jax.nn.lora import INITS, LoraSpec, init_adapter
+from qlora_jax.nn.merge import merge_adapters, merged_weight, unmerge_adapters
+from qlora_jax.nn.plan import ALL_LINEAR, LayerSpec, Plan, make_plan, select
+from qlora_jax.nn.trees import (
+  flatten,
+  merge_trees,
+  num_bytes,
+  num_params,
+  split_trainable,
+  unflatten,
+)
+
+__all__ = [
+  "ALL_LINEAR",
+  "BASE",
+  "INITS",
+  "PARAMS",
+  "LayerSpec",
+  "LoraSpec",
+  "Plan",
+  "QLoRADense",
+  "base_param",
+  "dequantized",
+  "flatten",
+  "frozen_matmul",
+  "init_adapter",
+  "make_plan",
+  "merge_adapters",
+  "merge_trees",
+  "merged_weight",
+  "num_bytes",
+  "num_params",
+  "path_name",
+  "quantized_matmul",
+  "select",
+  "split_trainable",
+  "unflatten",
+  "unmerge_adapters",
+]

@@ -1,0 +1,149 @@
+"""LoRA adapter specs and initialisation (PEFT kaiming, gaussian, PiSSA, LoftQ).
+
+Layouts: the frozen base `weight` is [out, in] (PyTorch's, so that it is
+quantized in bitsandbytes' order); the adapter computes `x @ lora_a @ lora_b`
+with `lora_a` [in, r] and `lora_b` [r, out] (PEFT's lora_A.weight and
+lora_B.weight transposed). The update of the base is
+`scale * (lora_a @ lora_b).T`.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from qlora_jax import quant
+
+INITS = ("kaiming", "gaussian", "pissa", "loftq")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """One layer's adapter.
+
+  Attributes:
+    rank: r.
+    alpha: scale numerator: scale = alpha / r (alpha / sqrt(r) with rslora).
+    rslora: use rank-stabilised scaling.
+    dropout: dropout rate on the adapter input.
+    init: "kaiming" (PEFT's default: A kaiming-uniform, B = 0), "gaussian"
+      (A ~ N(0, 1/r), B = 0), "pissa" (top-r SVD of the base; the base keeps
+      the residual) or "loftq" (alternating quantize / SVD).
+    loftq_iters: alternating steps of LoftQ.
+    dora: weight-decomposed LoRA (a trainable magnitude per output).
+  """
+
+  rank: int = 8
+  alpha: float = 16.0
+  rslora: bool = False
+  dropout: float = 0.0
+  init: str = "kaiming"
+  loftq_iters: int = 1
+  dora: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"lora rank must be a positive int, got {self.rank!r}")
+    if self.init not in INITS:
+      raise ValueError(
+        f"unknown lora init {self.init!r}: expected one of {INITS}"
+      )
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+    if self.loftq_iters < 1:
+      raise ValueError(f"loftq_iters must be >= 1, got {self.loftq_iters}")
+
+  @property
+  def scale(self) -> float:
+    root = math.sqrt(self.rank) if self.rslora else self.rank
+    return float(self.alpha) / root
+
+
+def _store_base(w, qspec: quant.QuantSpec | None, dtype, name: str):
+  if qspec is None:
+    return w.astype(dtype)
+  return quant.quantize(
+    w.astype(dtype),
+    qspec.data_type,
+    qspec.block_size,
+    qspec.double_quant,
+    name=name,
+  )
+
+
+def _restored(stored, qspec) -> jnp.ndarray:
+  if qspec is None:
+    return stored.astype(jnp.float32)
+  return quant.dequantize(stored, jnp.float32)
+
+
+def _svd_factors(residual: jnp.ndarray, rank: int, scale: float):
+  """a [in, r], b [r, out] with scale * (a @ b).T the best rank-r fit."""
+  u, s, vt = jnp.linalg.svd(residual, full_matrices=False)
+  root = jnp.sqrt(s[:rank] / scale)
+  b = (u[:, :rank] * root).T  # [r, out]
+  a = vt[:rank].T * root  # [in, r]
+  return a, b
+
+
+def init_adapter(
+  key: jax.Array,
+  weight: jnp.ndarray,
+  lora: LoraSpec | None,
+  qspec: quant.QuantSpec | None,
+  base_dtype=jnp.float32,
+  name: str = "",
+) -> dict:
+  """Frozen base and adapter variables of one layer from its float weight.
+
+  Args:
+    key: PRNG key for the random inits.
+    weight: float [out, in] base weight.
+    lora: the adapter, or None for no adapter.
+    qspec: how to quantize the base, or None to keep it in `base_dtype`.
+    base_dtype: storage dtype of the float base (and the dtype the quantizer
+      sees, so bf16 weights quantize as bitsandbytes quantizes bf16).
+    name: the layer's path, for error messages.
+
+  Returns:
+    {"weight": stored base} plus, with an adapter, "lora_a", "lora_b" (and
+    "lora_magnitude" for DoRA), all float32.
+  """
+  out_f, in_f = weight.shape
+  w = weight.astype(jnp.float32)
+  if lora is None:
+    return {"weight": _store_base(w, qspec, base_dtype, name)}
+  if lora.rank > min(in_f, out_f):
+    raise ValueError(
+      f"lora rank {lora.rank} of {name or 'layer'} exceeds its smallest "
+      f"dimension ({in_f} in, {out_f} out)"
+    )
+  r, scale = lora.rank, lora.scale
+  if lora.init == "kaiming":
+    bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)) on [r, in]
+    a = jax.random.uniform(key, (in_f, r), jnp.float32, -bound, bound)
+    b = jnp.zeros((r, out_f), jnp.float32)
+    stored = _store_base(w, qspec, base_dtype, name)
+  elif lora.init == "gaussian":
+    a = jax.random.normal(key, (in_f, r), jnp.float32) / r
+    b = jnp.zeros((r, out_f), jnp.float32)
+    stored = _store_base(w, qspec, base_dtype, name)
+  elif lora.init == "pissa":
+    a, b = _svd_factors(w, r, scale)
+    stored = _store_base(w - scale * (a @ b).T, qspec, base_dtype, name)
+  else:  # loftq
+    if qspec is None:
+      raise ValueError(
+        f"lora init 'loftq' of {name or 'layer'} needs a quantized base"
+      )
+    a = jnp.zeros((in_f, r), jnp.float32)
+    b = jnp.zeros((r, out_f), jnp.float32)
+    for _ in range(lora.loftq_iters):
+      stored = _store_base(w - scale * (a @ b).T, qspec, base_dtype, name)
+      a, b = _svd_factors(w - _restored(stored, qspec), r, scale)
+  out = {"weight": stored, "lora_a": a, "lora_b": b}
+  if lora.dora:
+    merged = _restored(stored, qspec) + scale * (a @ b).T
+    out["lora_magnitude"] = jnp.linalg.norm(merged, axis=1)
+  return out

@@ -1,0 +1,109 @@
+"""Folding adapters into the base weight and back.
+
+`merge_adapters` replaces every adapted layer's base with the float weight
+`dequantize(W) + scale * (lora_a @ lora_b).T` (DoRA: rescaled per output),
+the weight the adapters were trained against, and drops the adapter
+variables; optionally the merged weight is quantized again with the layer's
+spec. Layers stacked by `nn.scan` (a leading layer axis) are handled.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from qlora_jax import quant
+from qlora_jax.nn.dense import BASE, PARAMS
+from qlora_jax.nn.frozen_matmul import dequantized
+from qlora_jax.nn.plan import Plan
+from qlora_jax.nn.trees import flatten, unflatten
+
+
+def merged_weight(weight, lora_a, lora_b, scale: float, magnitude=None):
+  """float32 [out, in]: the base plus its adapter (one unstacked layer)."""
+  w = dequantized(weight, jnp.float32) + scale * (lora_a @ lora_b).T
+  if magnitude is not None:
+    w = w * (magnitude / jnp.linalg.norm(w, axis=1))[:, None]
+  return w
+
+
+def _stack_depth(weight) -> int:
+  if isinstance(weight, quant.QuantizedTensor):
+    return weight.codes.ndim - 1
+  return weight.ndim - 2
+
+
+def _map_stacked(fn, depth: int):
+  for _ in range(depth):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def merge_adapters(
+  variables, plan: Plan, dtype=jnp.float32, requantize: bool = False
+) -> dict:
+  """Variables with every adapter folded into its base weight.
+
+  Args:
+    variables: {"base": ..., "params": ...} of a model built with `plan`.
+    plan: the plan the model was built with.
+    dtype: dtype of the merged float weights.
+    requantize: quantize merged weights again with their layer's spec.
+  """
+  flat = flatten(variables)
+  for path in plan.lora_paths():
+    spec = plan.lookup(path)
+    keys = tuple(path.split("/"))
+    w_key = (BASE, *keys, "weight")
+    if w_key not in flat:
+      raise KeyError(f"no base weight for adapted layer {path}")
+    weight = flat[w_key]
+    a = flat.pop((PARAMS, *keys, "lora_a"))
+    b = flat.pop((PARAMS, *keys, "lora_b"))
+    m = flat.pop((PARAMS, *keys, "lora_magnitude"), None)
+    scale = spec.lora.scale
+
+    def one(w, a, b, m=None, scale=scale):
+      return merged_weight(w, a, b, scale, m)
+
+    depth = _stack_depth(weight)
+    args = (weight, a, b) if m is None else (weight, a, b, m)
+    merged = _map_stacked(one, depth)(*args).astype(dtype)
+    if requantize and spec.quant is not None:
+      q = spec.quant
+
+      def requant(w, q=q, path=path):
+        return quant.quantize(
+          w, q.data_type, q.block_size, q.double_quant, name=path
+        )
+
+      merged = _map_stacked(requant, depth)(merged)
+    flat[w_key] = merged
+  return unflatten(flat)
+
+
+def unmerge_adapters(merged_variables, adapters, plan: Plan) -> dict:
+  """Inverse of `merge_adapters` (float merge, no DoRA): base weights back.
+
+  Args:
+    merged_variables: the output of `merge_adapters` (requantize=False).
+    adapters: the "params" tree that was merged.
+    plan: the plan of the model.
+  """
+  flat = flatten(merged_variables)
+  flat_adapters = flatten({PARAMS: adapters})
+  for path in plan.lora_paths():
+    spec = plan.lookup(path)
+    keys = tuple(path.split("/"))
+    if (PARAMS, *keys, "lora_magnitude") in flat_adapters:
+      raise ValueError(
+        f"cannot unmerge DoRA layer {path}: the merged weight does not "
+        "determine the base"
+      )
+    a = flat_adapters[(PARAMS, *keys, "lora_a")]
+    b = flat_adapters[(PARAMS, *keys, "lora_b")]
+    w_key = (BASE, *keys, "weight")
+    w = flat[w_key]
+    delta = jnp.swapaxes(a @ b, -1, -2) * spec.lora.scale
+    flat[w_key] = (w.astype(jnp.float32) - delta).astype(w.dtype)
+    flat[(PARAMS, *keys, "lora_a")] = a
+    flat[(PARAMS, *keys, "lora_b")] = b
+  return unflatten(flat)
