@@ -4,6 +4,15 @@ For a quantized W the dequantization happens inside the jitted matmul, and
 the backward pass is a custom VJP that forms the input gradient only, by
 dequantizing again: no float copy of W is kept as a residual and no weight
 gradient is ever formed.
+
+When each row of W holds whole blocks and whole bytes (the usual case), the
+matmul runs over chunks of rows in a loop, and W is dequantized one chunk at
+a time into a buffer that the loop reuses: the dequantized weight never
+exists whole, and XLA cannot hoist every layer's dequantization to the start
+of the step. Codes that share a byte are dequantized as separate planes (for
+4 bits: the high nibbles hold the even columns, the low nibbles the odd
+ones), and the activations are split the same way, so the planes need no
+interleaving.
 """
 
 import functools
@@ -13,6 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax import quant
+from qlora_jax.quant.codebooks import get_data_type
+
+# Elements of W dequantized per loop iteration (4 MiB of float32).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _dot_last(x: jnp.ndarray, w: jnp.ndarray, w_axis: int) -> jnp.ndarray:
@@ -30,10 +43,92 @@ def _zero_cotangent(qt: quant.QuantizedTensor) -> quant.QuantizedTensor:
   return jax.tree.map(zero, qt)
 
 
+def chunk_rows(qt: quant.QuantizedTensor) -> int | None:
+  """Rows per chunk for the planar chunked matmul, or None if W's layout
+  does not allow it (then W is dequantized whole)."""
+  if qt.ndim != 2:
+    return None
+  out_f, in_f = qt.shape
+  bits = get_data_type(qt.data_type).bits
+  if 8 % bits or in_f % qt.block_size or qt.block_size % (8 // bits):
+    return None
+  rows = max(1, min(out_f, CHUNK_ELEMENTS // in_f))
+  while out_f % rows:
+    rows -= 1
+  return rows
+
+
+def _planes(codes, absmax, data_type: str, block_size: int, dtype):
+  """Dequantized planes of a chunk: codes [rows, in*bits/8], absmax
+  [rows, in/block] -> per_byte arrays [rows, in/per_byte]; plane p holds
+  columns p, p + per_byte, ..."""
+  dt = get_data_type(data_type)
+  per_byte = 8 // dt.bits
+  rows, nbytes = codes.shape
+  table = jnp.asarray(dt.values)
+  mask = jnp.uint8((1 << dt.bits) - 1)
+  per_block = block_size // per_byte
+  planes = []
+  for p in range(per_byte):
+    idx = (codes >> jnp.uint8(8 - dt.bits * (p + 1))) & mask
+    values = table[idx.astype(jnp.int32)].reshape(rows, -1, per_block)
+    planes.append((values * absmax[:, :, None]).reshape(rows, nbytes))
+  return [w.astype(dtype) for w in planes]
+
+
+def _chunked_layout(qt: quant.QuantizedTensor, rows: int):
+  out_f, _ = qt.shape
+  n = out_f // rows
+  codes = qt.codes.reshape(n, rows, -1)
+  absmax = quant.block_absmax(qt).reshape(n, rows, -1)
+  return codes, absmax
+
+
+def _split_columns(x: jnp.ndarray, per_byte: int) -> list[jnp.ndarray]:
+  return [x[..., p::per_byte] for p in range(per_byte)]
+
+
+def _chunked_forward(x, qt: quant.QuantizedTensor, dtype, rows: int):
+  per_byte = 8 // get_data_type(qt.data_type).bits
+  codes, absmax = _chunked_layout(qt, rows)
+  xs = _split_columns(x, per_byte)
+
+  def one(args):
+    c, a = args
+    planes = _planes(c, a, qt.data_type, qt.block_size, dtype)
+    return sum(_dot_last(xp, w, 1) for xp, w in zip(xs, planes))
+
+  ys = jax.lax.map(one, (codes, absmax))  # [chunks, ..., rows]
+  ys = jnp.moveaxis(ys, 0, -2)  # [..., chunks, rows]
+  return ys.reshape(*x.shape[:-1], qt.shape[0])
+
+
+def _chunked_input_grad(g, qt: quant.QuantizedTensor, dtype, rows: int):
+  per_byte = 8 // get_data_type(qt.data_type).bits
+  codes, absmax = _chunked_layout(qt, rows)
+  n = codes.shape[0]
+  gs = jnp.moveaxis(g.reshape(*g.shape[:-1], n, rows), -2, 0)
+  in_f = qt.shape[1]
+  init = [
+    jnp.zeros((*g.shape[:-1], in_f // per_byte), dtype) for _ in range(per_byte)
+  ]
+
+  def body(acc, args):
+    c, a, gc = args
+    planes = _planes(c, a, qt.data_type, qt.block_size, dtype)
+    return [d + _dot_last(gc, w, 0) for d, w in zip(acc, planes)], None
+
+  parts, _ = jax.lax.scan(body, init, (codes, absmax, gs))
+  return jnp.stack(parts, axis=-1).reshape(*g.shape[:-1], in_f)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def quantized_matmul(x: jnp.ndarray, qt: quant.QuantizedTensor, dtype):
   """x [..., in] @ dequantize(qt).T -> [..., out]; x is already in `dtype`."""
-  return _dot_last(x, quant.dequantize(qt, dtype), 1)
+  rows = chunk_rows(qt)
+  if rows is None:
+    return _dot_last(x, quant.dequantize(qt, dtype), 1)
+  return _chunked_forward(x, qt, dtype, rows)
 
 
 def _fwd(x, qt, dtype):
@@ -41,7 +136,12 @@ def _fwd(x, qt, dtype):
 
 
 def _bwd(dtype, qt, g):
-  dx = _dot_last(g.astype(dtype), quant.dequantize(qt, dtype), 0)
+  g = g.astype(dtype)
+  rows = chunk_rows(qt)
+  if rows is None:
+    dx = _dot_last(g, quant.dequantize(qt, dtype), 0)
+  else:
+    dx = _chunked_input_grad(g, qt, dtype, rows)
   return dx, _zero_cotangent(qt)
 
 

@@ -1,0 +1,40 @@
+"""Measuring compiled programs: XLA's memory analysis and step times."""
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+  """Bytes of a compiled program: arguments, temporaries, outputs, aliased.
+
+  `total` = arguments + temporaries + outputs - aliased (donated buffers
+  reused for outputs), XLA's own accounting of what the program holds.
+  """
+  m = compiled.memory_analysis()
+  out = {
+    "arguments": int(m.argument_size_in_bytes),
+    "temporaries": int(m.temp_size_in_bytes),
+    "outputs": int(m.output_size_in_bytes),
+    "aliased": int(m.alias_size_in_bytes),
+  }
+  out["total"] = (
+    out["arguments"] + out["temporaries"] + out["outputs"] - out["aliased"]
+  )
+  return out
+
+
+def median_seconds(
+  step: Callable[[], object], warmup: int = 2, repeats: int = 5
+) -> float:
+  """Median wall time of `step()` (its result is blocked on)."""
+  for _ in range(warmup):
+    jax.block_until_ready(step())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(step())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
