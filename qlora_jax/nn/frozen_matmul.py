@@ -96,7 +96,7 @@ def _chunked_forward(x, qt: quant.QuantizedTensor, dtype, rows: int):
   def one(args):
     c, a = args
     planes = _planes(c, a, qt.data_type, qt.block_size, dtype)
-    return sum(_dot_last(xp, w, 1) for xp, w in zip(xs, planes))
+    return sum(_dot_last(xp, w, 1) for xp, w in zip(xs, planes, strict=True))
 
   ys = jax.lax.map(one, (codes, absmax))  # [chunks, ..., rows]
   ys = jnp.moveaxis(ys, 0, -2)  # [..., chunks, rows]
@@ -116,7 +116,9 @@ def _chunked_input_grad(g, qt: quant.QuantizedTensor, dtype, rows: int):
   def body(acc, args):
     c, a, gc = args
     planes = _planes(c, a, qt.data_type, qt.block_size, dtype)
-    return [d + _dot_last(gc, w, 0) for d, w in zip(acc, planes)], None
+    return [
+      d + _dot_last(gc, w, 0) for d, w in zip(acc, planes, strict=True)
+    ], None
 
   parts, _ = jax.lax.scan(body, init, (codes, absmax, gs))
   return jnp.stack(parts, axis=-1).reshape(*g.shape[:-1], in_f)
