@@ -1,12 +1,12 @@
 """QLoRA layers: frozen (quantized) bases, LoRA adapters, trainable trees."""
 
 from qlora_jax.nn.dense import BASE, PARAMS, QLoRADense, base_param, path_name
-from qlora_jax.nn.frozen_matmul import (
+from qlora_jax.nn.lora import INITS, LoraSpec, init_adapter
+from qlora_jax.nn.matmul import (
   dequantized,
   frozen_matmul,
   quantized_matmul,
 )
-from qlora_jax.nn.lora import INITS, LoraSpec, init_adapter
 from qlora_jax.nn.merge import merge_adapters, merged_weight, unmerge_adapters
 from qlora_jax.nn.plan import ALL_LINEAR, LayerSpec, Plan, make_plan, select
 from qlora_jax.nn.trees import (

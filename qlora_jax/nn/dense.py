@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qlora_jax.nn.frozen_matmul import dequantized, frozen_matmul
 from qlora_jax.nn.lora import init_adapter
+from qlora_jax.nn.matmul import dequantized, frozen_matmul
 from qlora_jax.nn.plan import Plan
 
 BASE = "base"  # frozen pretrained weights

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from qlora_jax import quant
 from qlora_jax.nn.dense import BASE, PARAMS
-from qlora_jax.nn.frozen_matmul import dequantized
+from qlora_jax.nn.matmul import dequantized
 from qlora_jax.nn.plan import Plan
 from qlora_jax.nn.trees import flatten, unflatten
 

@@ -1,4 +1,4 @@
-"""k-bit blockwise quantization (NF-k, Int-k, FP4, FP8), bit-exact with bitsandbytes."""
+"""k-bit blockwise quantization (NF-k, Int-k, FP4, FP8), as bitsandbytes."""
 
 from qlora_jax.quant.codebooks import SUPPORTED_BITS, DataType, get_data_type
 from qlora_jax.quant.tensor import (

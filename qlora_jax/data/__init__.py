@@ -1,0 +1,80 @@
+"""Data: readers, tokenizer, fixed-shape arrays, resumable batch iterators.
+
+  read_examples(path, task)           JSONL / .txt -> examples, file:line errors
+  LabelMap                            sorted training labels -> ids, JSON
+  Tokenizer.load(path_or_folder)      a checkpoint's tokenizer.json
+  encode_classification / encode_lm   examples -> dict of numpy arrays
+  BatchIterator / EvalIterator        deterministic, resumable, multi-process
+  write_stdlib_docstrings(folder)     the default classification task
+
+Depends on numpy, `tokenizers` and the standard library only.
+"""
+
+from qlora_jax.data.arrays import (
+  CLASSIFICATION_FIELDS,
+  LM_FIELDS,
+  Document,
+  classification_arrays,
+  packed_lm_arrays,
+  padded_lm_arrays,
+)
+from qlora_jax.data.encoding import (
+  ClassificationData,
+  classification_splits,
+  encode_classification,
+  encode_lm,
+  lm_documents,
+)
+from qlora_jax.data.iterators import (
+  BatchIterator,
+  EvalIterator,
+  epoch_permutation,
+)
+from qlora_jax.data.labels import LabelMap
+from qlora_jax.data.readers import (
+  TASKS,
+  ClassificationExample,
+  InstructionExample,
+  TextExample,
+  read_classification_jsonl,
+  read_examples,
+  read_instruction_jsonl,
+  read_lm_jsonl,
+  read_text_file,
+)
+from qlora_jax.data.stdlib_docstrings import (
+  build_splits,
+  write_stdlib_docstrings,
+)
+from qlora_jax.data.tokenizer import SpecialTokens, Tokenizer
+
+__all__ = [
+  "CLASSIFICATION_FIELDS",
+  "LM_FIELDS",
+  "TASKS",
+  "BatchIterator",
+  "ClassificationData",
+  "ClassificationExample",
+  "Document",
+  "EvalIterator",
+  "InstructionExample",
+  "LabelMap",
+  "SpecialTokens",
+  "TextExample",
+  "Tokenizer",
+  "build_splits",
+  "classification_arrays",
+  "classification_splits",
+  "encode_classification",
+  "encode_lm",
+  "epoch_permutation",
+  "lm_documents",
+  "packed_lm_arrays",
+  "padded_lm_arrays",
+  "read_classification_jsonl",
+  "read_examples",
+  "read_instruction_jsonl",
+  "read_lm_jsonl",
+  "read_text_file",
+  "write_stdlib_docstrings",
+]

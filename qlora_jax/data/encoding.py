@@ -1,0 +1,148 @@
+"""Examples -> token ids -> arrays (see `arrays` for the fields).
+
+Language modelling: a document is the text with the special tokens the
+tokenizer's post-processor adds (e.g. <s> for Llama), then the end token
+(EOS, else SEP) unless the post-processor already put it last.
+
+Instruction tuning: the prompt and the completion are tokenized separately
+(so the boundary between them is exact) and joined:
+`prefix specials + prompt + completion + suffix specials + EOS`; the targets
+of the loss are the completion's tokens and the EOS.
+"""
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from qlora_jax.data import arrays
+from qlora_jax.data.labels import LabelMap
+from qlora_jax.data.readers import (
+  ClassificationExample,
+  InstructionExample,
+  TextExample,
+  read_classification_jsonl,
+)
+from qlora_jax.data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationData:
+  """Train and eval arrays of a classification task and its label map."""
+
+  train: dict[str, np.ndarray]
+  eval: dict[str, np.ndarray]
+  label_map: LabelMap
+  eval_examples: list[ClassificationExample]  # row i of `eval`, for printing
+
+
+def classification_splits(
+  train_path: str | os.PathLike,
+  eval_path: str | os.PathLike,
+  tokenizer: Tokenizer,
+  max_length: int,
+) -> ClassificationData:
+  """Reads both JSONL files; the label map comes from the training file."""
+  train_examples = read_classification_jsonl(train_path)
+  eval_examples = read_classification_jsonl(eval_path)
+  label_map = LabelMap.from_examples(train_examples)
+  return ClassificationData(
+    train=encode_classification(
+      train_examples, tokenizer, label_map, max_length
+    ),
+    eval=encode_classification(eval_examples, tokenizer, label_map, max_length),
+    label_map=label_map,
+    eval_examples=eval_examples,
+  )
+
+
+def encode_classification(
+  examples: Sequence[ClassificationExample],
+  tokenizer: Tokenizer,
+  label_map: LabelMap,
+  max_length: int,
+) -> dict[str, np.ndarray]:
+  """Rows of `max_length` tokens, texts truncated (special tokens kept).
+
+  A label missing from `label_map` raises naming the example's file and line.
+  """
+  labels = label_map.ids(examples)
+  ids = tokenizer.encode_batch(
+    [e.text for e in examples], max_length=max_length
+  )
+  specials = tokenizer.num_special_tokens
+  for e, row in zip(examples, ids, strict=True):
+    if len(row) <= specials:
+      raise ValueError(f"{e.where}: the text encodes to no tokens")
+  return arrays.classification_arrays(ids, labels, max_length, tokenizer.pad_id)
+
+
+def encode_lm(
+  examples: Sequence[TextExample | InstructionExample],
+  tokenizer: Tokenizer,
+  max_length: int,
+  packing: bool = False,
+) -> dict[str, np.ndarray]:
+  """Next-token arrays, one document per row or packed into rows."""
+  if packing and tokenizer.end_id is None:
+    raise ValueError(
+      "packing needs a token to separate documents, and the tokenizer has "
+      "neither an EOS nor a SEP token"
+    )
+  documents = lm_documents(examples, tokenizer)
+  if packing:
+    result = arrays.packed_lm_arrays(documents, max_length, tokenizer.pad_id)
+  else:
+    result = arrays.padded_lm_arrays(documents, max_length, tokenizer.pad_id)
+    empty = np.flatnonzero(result["loss_mask"].sum(axis=1) == 0)
+    if len(empty):
+      logging.warning(
+        "%d of %d rows have no loss token (the prompt fills all %d "
+        "positions), first at %s",
+        len(empty),
+        len(documents),
+        max_length,
+        examples[empty[0]].where,
+      )
+  if not result["loss_mask"].any():
+    raise ValueError(f"no row has a loss token at max_length={max_length}")
+  return result
+
+
+def lm_documents(
+  examples: Sequence[TextExample | InstructionExample], tokenizer: Tokenizer
+) -> list[arrays.Document]:
+  """Token ids of each example as a Document, in order."""
+  prefix = list(tokenizer.special_prefix)
+  suffix = list(tokenizer.special_suffix)
+  end = [] if tokenizer.end_id is None else [tokenizer.end_id]
+  for e in examples:
+    if not isinstance(e, (TextExample, InstructionExample)):
+      raise TypeError(
+        f"{getattr(e, 'where', '?')}: language modelling takes text or "
+        f"prompt/completion examples, got {type(e).__name__}"
+      )
+  texts = [e.text if isinstance(e, TextExample) else e.prompt for e in examples]
+  completions = [
+    e.completion if isinstance(e, InstructionExample) else "" for e in examples
+  ]
+  bodies = tokenizer.encode_batch(texts, add_special_tokens=False)
+  tails = tokenizer.encode_batch(completions, add_special_tokens=False)
+  documents = []
+  for e, body, tail in zip(examples, bodies, tails, strict=True):
+    if isinstance(e, TextExample):
+      if not body:
+        raise ValueError(f"{e.where}: the text encodes to no tokens")
+      tokens = prefix + body + suffix
+      first_target = 1
+    else:
+      if not tail:
+        raise ValueError(f"{e.where}: the completion encodes to no tokens")
+      tokens = prefix + body + tail + suffix
+      first_target = max(1, len(prefix) + len(body))
+    if end and tokens[-1] != end[0]:
+      tokens = tokens + end
+    documents.append(arrays.Document(tokens, first_target))
+  return documents
