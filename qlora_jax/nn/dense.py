@@ -70,7 +70,10 @@ class QLoRADense(nn.Module):
     name = path_name(self)
     spec = self.plan.lookup(name)
     lora = spec.lora
-    in_features = x.shape[-1]
+    # Matmuls over 2-D activations: XLA's CPU backend runs the backward of
+    # a dot with several batch-like leading axes far slower.
+    lead, in_features = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, in_features)
     cache: dict[str, Any] = {}
 
     def initial(key: str):
@@ -108,7 +111,7 @@ class QLoRADense(nn.Module):
         lambda: jnp.zeros((self.features,), self.base_dtype),
       ).value
       y = y + bias.astype(self.dtype)
-    return y
+    return y.reshape(*lead, self.features)
 
 
 def dora_norm(weight, a, b, scale: float) -> jnp.ndarray:

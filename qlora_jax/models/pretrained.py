@@ -1,0 +1,212 @@
+"""Models from Hugging Face checkpoint folders (or random), ready to train.
+
+lm = from_pretrained("path/to/llama", lora={"rank": 16},
+                     quant={"data_type": "nf4", "double_quant": True})
+logits = lm.model.apply(lm.variables, input_ids)
+"""
+
+import dataclasses
+import pathlib
+import resource
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import tokenizers
+from absl import logging
+
+from qlora_jax import nn as qnn
+from qlora_jax.models import loading
+from qlora_jax.models.config import Config, from_dict, read_config
+from qlora_jax.models.layers import Options
+from qlora_jax.models.registry import ModelSpec
+from qlora_jax.models.safetensors_reader import Checkpoint, CheckpointError
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass
+class Pretrained:
+  """A model with its variables ({"base": frozen, "params": trainable})."""
+
+  model: nn.Module
+  variables: dict
+  plan: qnn.Plan
+  config: Config
+  tokenizer: tokenizers.Tokenizer | None = None
+  stats: loading.LoadStats | None = None
+
+
+def model_plan(
+  spec: ModelSpec,
+  lora: Mapping[str, Any] | None,
+  quant: Mapping[str, Any] | None,
+  scan_layers: bool,
+) -> qnn.Plan:
+  """`qlora_jax.nn.make_plan` over the model's linear layers.
+
+  Linear layers are the modules owning a frozen `weight`; with
+  `scan_layers` their paths are those of the scanned blocks
+  ("model/layers/self_attn/q_proj").
+  """
+  shapes = spec.abstract_variables(Options(scan_layers=scan_layers))
+  paths = [
+    "/".join(p[1:-1])
+    for p in qnn.flatten(shapes)
+    if p[0] == qnn.BASE and p[-1] == "weight"
+  ]
+  return qnn.make_plan(paths, lora, quant, heads=spec.heads)
+
+
+def _peak_rss() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def from_pretrained(
+  path: str | pathlib.Path,
+  *,
+  task: str = "causal_lm",
+  num_labels: int | None = None,
+  lora: Mapping[str, Any] | None = None,
+  quant: Mapping[str, Any] | None = None,
+  dtype: Any = jnp.float32,
+  base_dtype: Any = jnp.float32,
+  scan_layers: bool = False,
+  remat: bool = False,
+  seed: int = 0,
+  place: loading.Place | None = None,
+) -> Pretrained:
+  """Loads a Hugging Face checkpoint folder, quantizing as it reads.
+
+  Args:
+    path: folder with config.json, model.safetensors (or a sharded
+      model.safetensors.index.json) and optionally tokenizer.json.
+    task: "causal_lm" (Llama, Mistral, Qwen2, GPT-2), "embedding" (BERT:
+      normalised masked-mean sentence embeddings) or "classification"
+      (BERT with a new trainable classifier of `num_labels` outputs).
+    lora: adapters, as `qlora_jax.nn.make_plan` takes them (None: none).
+    quant: quantization of frozen linear weights, as `make_plan` takes it
+      (None: float weights in `base_dtype`).
+    dtype: compute dtype.
+    base_dtype: storage dtype of frozen float weights (and the dtype the
+      quantizer sees).
+    scan_layers: stack the blocks' variables and scan over them.
+    remat: gradient checkpointing per block.
+    seed: seeds the adapters' and new heads' initialisation.
+    place: `place(path, leaf) -> leaf`, called once per variable as soon
+      as it is complete (path "base/model/embed_tokens/embedding"), e.g.
+      to put it on a device mesh; default: the default device.
+
+  Raises:
+    ConfigError, CheckpointError (ValueErrors naming file and tensor): an
+      unsupported model, a missing / unexpected / misshapen / non-finite
+      tensor.
+  """
+  start, rss_before = time.perf_counter(), _peak_rss()
+  folder = pathlib.Path(path)
+  config_file = folder / "config.json"
+  config = read_config(config_file)
+  spec = ModelSpec(config, task, num_labels)
+  plan = model_plan(spec, lora, quant, scan_layers)
+  opts = Options(plan, dtype, base_dtype, remat, scan_layers)
+  model = spec.build(opts)
+  flat, stats = loading.read_variables(
+    Checkpoint(folder), spec, opts, str(config_file), seed, place
+  )
+  variables = _complete(model, spec, opts, flat, seed, place)
+  stats.seconds = time.perf_counter() - start
+  stats.peak_rss_bytes, stats.peak_rss_before_bytes = _peak_rss(), rss_before
+  _log_stats(folder, stats)
+  return Pretrained(model, variables, plan, config, _tokenizer(folder), stats)
+
+
+def init_random(
+  config: Config | Mapping[str, Any],
+  *,
+  task: str = "causal_lm",
+  num_labels: int | None = None,
+  lora: Mapping[str, Any] | None = None,
+  quant: Mapping[str, Any] | None = None,
+  dtype: Any = jnp.float32,
+  base_dtype: Any = jnp.float32,
+  scan_layers: bool = False,
+  remat: bool = False,
+  seed: int = 0,
+  place: loading.Place | None = None,
+) -> Pretrained:
+  """A randomly initialised model of the same classes as `from_pretrained`.
+
+  `config` is a parsed config or the contents of a config.json (a dict
+  with `model_type`, ...). Weights are N(0, 0.02), norms 1. Other
+  arguments as in `from_pretrained`.
+  """
+  if isinstance(config, Mapping):
+    config = from_dict(config)
+  spec = ModelSpec(config, task, num_labels)
+  plan = model_plan(spec, lora, quant, scan_layers)
+  model = spec.build(Options(plan, dtype, base_dtype, remat, scan_layers))
+  rngs = {"params": jax.random.key(seed)}
+  variables = jax.jit(model.init)(rngs, *spec.dummy_inputs())
+  place = place or loading.default_place
+  flat = {p: place("/".join(p), v) for p, v in qnn.flatten(variables).items()}
+  return Pretrained(model, qnn.unflatten(flat), plan, config)
+
+
+def _complete(model, spec, opts, flat, seed, place) -> dict:
+  """Initialises variables the checkpoint lacks (new heads); checks all."""
+  expected = qnn.flatten(spec.abstract_variables(opts))
+  lost = [p for p in expected if p[0] == qnn.BASE and p not in flat]
+  if lost:  # targets() and the built model disagree: a bug, not bad input
+    raise RuntimeError(f"loader produced no value for {lost[:5]}")
+  if any(p not in flat for p in expected):
+    place = place or loading.default_place
+    rngs = {"params": jax.random.fold_in(jax.random.key(seed), 1 << 30)}
+    _, new = model.apply(
+      qnn.unflatten(flat),
+      *spec.dummy_inputs(),
+      rngs=rngs,
+      mutable=[qnn.PARAMS],
+    )
+    for p, value in qnn.flatten(new).items():
+      if p not in flat:
+        flat[p] = place("/".join(p), value)
+  for p, want in expected.items():
+    got = jax.tree.map(lambda a: (a.shape, a.dtype), flat.get(p))
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), want)
+    if got != want:
+      raise RuntimeError(
+        f"variable {'/'.join(p)}: loaded {got}, expected {want}"
+      )
+  return qnn.unflatten(flat)
+
+
+def _tokenizer(folder: pathlib.Path) -> tokenizers.Tokenizer | None:
+  path = folder / "tokenizer.json"
+  if not path.is_file():
+    return None
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises a bare Exception
+    raise CheckpointError(f"{path}: cannot load tokenizer: {e}") from e
+
+
+def _log_stats(folder: pathlib.Path, s: loading.LoadStats) -> None:
+  logging.info(
+    "loaded %s: %d tensors (%d ignored) in %.1f s; frozen weights %.2f MiB "
+    "as float32 -> %.2f MiB stored; linear weights %.2f -> %.2f MiB "
+    "(%.3fx); peak RSS %.0f MiB (%.0f MiB before loading)",
+    folder,
+    s.num_tensors,
+    s.num_ignored,
+    s.seconds,
+    s.base_float32_bytes / MiB,
+    s.base_stored_bytes / MiB,
+    s.linear_float32_bytes / MiB,
+    s.linear_stored_bytes / MiB,
+    s.linear_ratio,
+    s.peak_rss_bytes / MiB,
+    s.peak_rss_before_bytes / MiB,
+  )
