@@ -12,6 +12,7 @@ The classifier nests the encoder under `bert/` and adds a trainable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from qlora_jax import nn as qnn
 from qlora_jax.models.activations import activation
 from qlora_jax.models.attention import attend, default_inputs, segment_mask
 from qlora_jax.models.config import BertConfig
@@ -25,7 +26,7 @@ from qlora_jax.models.layers import (
 
 
 def _dropout(rate: float, deterministic: bool):
-  return nn.Dropout(rate, deterministic=deterministic or rate == 0)
+  return qnn.Dropout(rate, deterministic=deterministic or rate == 0)
 
 
 class BertEmbeddings(nn.Module):

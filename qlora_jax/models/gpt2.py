@@ -11,6 +11,7 @@ Conv1D stores weights as [in, out]; the loader transposes them into the
 import flax.linen as nn
 import jax.numpy as jnp
 
+from qlora_jax import nn as qnn
 from qlora_jax.models.activations import activation
 from qlora_jax.models.attention import (
   KVCache,
@@ -30,7 +31,7 @@ from qlora_jax.models.layers import (
 
 
 def _dropout(rate: float, deterministic: bool):
-  return nn.Dropout(rate, deterministic=deterministic or rate == 0)
+  return qnn.Dropout(rate, deterministic=deterministic or rate == 0)
 
 
 class GPT2Attention(nn.Module):

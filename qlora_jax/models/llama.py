@@ -11,6 +11,7 @@ the embeddings are tied). With `scan_layers` the blocks are one module
 import flax.linen as nn
 import jax.numpy as jnp
 
+from qlora_jax import nn as qnn
 from qlora_jax.models import rope
 from qlora_jax.models.activations import activation
 from qlora_jax.models.attention import (
@@ -53,7 +54,7 @@ class LlamaAttention(nn.Module):
       k, v = kv
     drop = None
     if c.attention_dropout > 0 and not det:
-      drop = nn.Dropout(c.attention_dropout, deterministic=False)
+      drop = qnn.Dropout(c.attention_dropout, deterministic=False)
     out = attend(q, k, v, mask, drop)
     return dense(self.opts, c.hidden_size, c.o_bias, "o_proj")(out, det), kv
 

@@ -1,6 +1,7 @@
 """QLoRA layers: frozen (quantized) bases, LoRA adapters, trainable trees."""
 
 from qlora_jax.nn.dense import BASE, PARAMS, QLoRADense, base_param, path_name
+from qlora_jax.nn.hash_dropout import Dropout, dropout
 from qlora_jax.nn.lora import INITS, LoraSpec, init_adapter
 from qlora_jax.nn.matmul import (
   dequantized,
@@ -21,6 +22,7 @@ from qlora_jax.nn.trees import (
 __all__ = [
   "ALL_LINEAR",
   "BASE",
+  "Dropout",
   "INITS",
   "PARAMS",
   "LayerSpec",
@@ -29,6 +31,7 @@ __all__ = [
   "QLoRADense",
   "base_param",
   "dequantized",
+  "dropout",
   "flatten",
   "frozen_matmul",
   "init_adapter",

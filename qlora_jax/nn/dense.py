@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qlora_jax.nn.hash_dropout import Dropout
 from qlora_jax.nn.lora import init_adapter
 from qlora_jax.nn.matmul import dequantized, frozen_matmul
 from qlora_jax.nn.plan import Plan
@@ -93,7 +94,7 @@ class QLoRADense(nn.Module):
       # (an SVD for PiSSA / LoftQ) at every apply.
       a = self.variable(PARAMS, "lora_a", lambda: initial("lora_a")).value
       b = self.variable(PARAMS, "lora_b", lambda: initial("lora_b")).value
-      h = nn.Dropout(lora.dropout)(x, deterministic=deterministic)
+      h = Dropout(lora.dropout)(x, deterministic=deterministic)
       h = h.astype(self.dtype) @ a.astype(self.dtype)
       delta = (h @ b.astype(self.dtype)) * jnp.asarray(lora.scale, self.dtype)
       if lora.dora:
