@@ -1,5 +1,6 @@
 """Measuring compiled programs: XLA's memory analysis and step times."""
 
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -38,3 +39,8 @@ def median_seconds(
     jax.block_until_ready(step())
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def peak_rss_bytes() -> int:
+  """Peak resident memory of this process so far (Linux: KiB -> bytes)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -19,7 +19,16 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from qlora_jax import build, data, optim, report, sharding, steps, tasks
+from qlora_jax import (
+  build,
+  data,
+  optim,
+  profiling,
+  report,
+  sharding,
+  steps,
+  tasks,
+)
 from qlora_jax.checkpoint import Checkpoints
 from qlora_jax.metrics import MetricsWriter, Progress, read_metrics
 from qlora_jax.plots import plot_curves
@@ -135,13 +144,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ckpt_every = int(t.get("checkpoint_every", 0)) or eval_every
   eval_metrics: dict[str, Any] = {}
   tick, tokens = time.perf_counter(), 0
+  compiled, cost, step_times = None, {}, []
   while step < total_steps:
     host_batch = next(train_it)
     tokens += tasks.tokens_in(host_batch) * jax.process_count()
     batch = sharding.put_batch(mesh, host_batch)
-    state, metrics = train_fn(state, batch, frozen)
+    if compiled is None:
+      compiled = train_fn.lower(state, batch, frozen).compile()
+      cost["train_step_memory_bytes"] = profiling.compiled_memory(compiled)[
+        "total"
+      ]
+    t_step = time.perf_counter()
+    state, metrics = compiled(state, batch, frozen)
     step += 1
     loss_sum = float(metrics["loss"])
+    step_times.append(time.perf_counter() - t_step)
     weight = float(metrics["weight"])
     loss = loss_sum / max(weight, 1e-9)
     if not math.isfinite(loss) or not bool(metrics["params_finite"]):
@@ -190,6 +207,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     eval_metrics, predictions = evaluate(
       eval_fn, state.params, frozen, run_data.eval, mesh, task, global_batch
     )
+  if step_times:
+    cost["step_seconds_median"] = float(np.median(step_times[1:] or step_times))
+  cost["peak_rss_bytes"] = profiling.peak_rss_bytes()
+  summary.numbers.update(cost)
   return _finish(
     workdir, task, eval_metrics, predictions, run_data, summary, config
   )

@@ -1,0 +1,98 @@
+"""Figures of a sweep (matplotlib PNGs, byte-identical when re-made).
+
+Figure specs in a sweep's table.json:
+  {"kind": "curves", "file": ..., "metric": "loss"}: eval curves per row
+    (mean over seeds) from each point's metrics.jsonl;
+  {"kind": "xy", "file": ..., "x": key or metric, "y": metric,
+   "series": key, "logx": bool, "logy": bool}: y against x (a config key
+    such as "lora.rank" or a metric such as "bits_per_param"), one line
+    per value of `series`, mean +- std over seeds as error bars.
+"""
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qlora_jax import tables  # noqa: E402
+from qlora_jax.metrics import read_metrics  # noqa: E402
+
+_META = {"Software": None}  # no version stamp: same inputs, same bytes
+
+
+def _label(group: dict) -> str:
+  return " / ".join(group["row"])
+
+
+def curves(spec: dict, fig_spec: dict, points: list[dict], path) -> None:
+  metric = fig_spec.get("metric", "loss")
+  groups = tables.group_points(points, list(spec["rows"]))
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for g in groups:
+    runs = []
+    for r in g["runs"]:
+      records = read_metrics(r["dir"] / "metrics.jsonl")
+      evals = [x for x in records if x["kind"] == "eval" and metric in x]
+      runs.append(([x["step"] for x in evals], [x[metric] for x in evals]))
+    steps = runs[0][0]
+    if any(s != steps for s, _ in runs) or not steps:
+      continue
+    mean = np.mean([v for _, v in runs], axis=0)
+    ax.plot(steps, mean, marker="o", markersize=3, label=_label(g))
+  ax.set_xlabel("step")
+  ax.set_ylabel(f"eval {metric}")
+  ax.set_title(spec["title"], fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100, metadata=_META)
+  plt.close(fig)
+
+
+def _value(group: dict, run: dict, key: str):
+  if key in group["keys"]:
+    return group["keys"][key]
+  return run["metrics"].get(key)
+
+
+def xy(spec: dict, fig_spec: dict, points: list[dict], path) -> None:
+  x_key, y_key = fig_spec["x"], fig_spec["y"]
+  series_key = fig_spec.get("series")
+  groups = tables.group_points(points, list(spec["rows"]))
+  lines: dict[str, list] = {}
+  for g in groups:
+    name = tables._show(g["keys"].get(series_key, "")) if series_key else ""
+    xs = [_value(g, r, x_key) for r in g["runs"]]
+    ys = [r["metrics"].get(y_key) for r in g["runs"]]
+    if any(v is None for v in xs + ys):
+      continue
+    mean, std, _ = tables.stats(ys)
+    lines.setdefault(name, []).append((float(np.mean(xs)), mean, std))
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for name, pts in lines.items():
+    pts.sort()
+    x, y, e = (np.array(v) for v in zip(*pts, strict=True))
+    ax.errorbar(x, y, yerr=e, marker="o", markersize=4, capsize=3, label=name)
+  if fig_spec.get("logx"):
+    ax.set_xscale("log", base=2)
+  if fig_spec.get("logy"):
+    ax.set_yscale("log")
+  ax.set_xlabel(x_key.split(".")[-1])
+  ax.set_ylabel(y_key)
+  ax.set_title(spec["title"], fontsize=9)
+  if series_key:
+    ax.legend(title=series_key.split(".")[-1], fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100, metadata=_META)
+  plt.close(fig)
+
+
+def write_all(spec: dict, points: list[dict], out: pathlib.Path) -> list:
+  written = []
+  for fig_spec in spec.get("figures", []):
+    path = out / fig_spec["file"]
+    {"curves": curves, "xy": xy}[fig_spec["kind"]](spec, fig_spec, points, path)
+    written.append(path)
+  return written

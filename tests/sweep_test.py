@@ -1,0 +1,83 @@
+"""Sweeps: run, resume, record failures; tables equal the points' metrics."""
+
+import json
+import shutil
+
+from qlora_jax import sweep, tables
+from qlora_jax.metrics import read_metrics
+from tests import tiny_config
+
+TABLE = {
+  "title": "tiny",
+  "rows": ["method"],
+  "metrics": [["accuracy", "accuracy (%)", "pct"], ["loss", "loss", "f4"]],
+  "figures": [{"kind": "curves", "file": "curves.png", "metric": "loss"}],
+}
+
+
+def _table_cells(markdown: str) -> dict[str, list[str]]:
+  rows = {}
+  for line in markdown.splitlines():
+    if line.startswith("| ") and not line.startswith("| method"):
+      cells = [c.strip() for c in line.strip("|").split("|")]
+      rows[cells[0]] = cells[1:]
+  return rows
+
+
+def test_sweep_runs_resumes_records_failures_and_renders(tmp_path):
+  tiny_config.write_dataset(tmp_path / "data")
+  config = tiny_config.get_config(str(tmp_path / "data"))
+  config.train.steps = 2
+  config.train.eval_every = 2
+  points = [
+    {"method": "a", "lora.rank": 2, "train.seed": 0},
+    {"method": "a", "lora.rank": 2, "train.seed": 1},
+    {"method": "bad", "lora.targets": "no_such_layer"},
+  ]
+  out = tmp_path / "sweep"
+  lines = []
+  first = sweep.run_sweep(config, points, out, TABLE, echo=lines.append)
+  names = [
+    sweep.Point(
+      {k: v for k, v in p.items() if "." not in k},
+      {k: v for k, v in p.items() if "." in k},
+    ).name
+    for p in points
+  ]
+  assert [first[n] for n in names] == ["done", "done", "failed"]
+  assert any("FAILED" in line and "no_such_layer" in line for line in lines)
+  assert lines[-1].startswith("sweep: 2/3 points done")
+  slugs = [sweep.points_of(points)[i].slug for i in range(3)]
+  error = (out / "points" / slugs[2] / "error.txt").read_text()
+  assert "lora.targets" in error
+
+  # Delete one finished point: the next run redoes it and skips the other.
+  shutil.rmtree(out / "points" / slugs[1])
+  lines.clear()
+  second = sweep.run_sweep(config, points, out, TABLE, echo=lines.append)
+  assert lines[0].endswith("done, skipped") and "running" in lines[1]
+  assert [second[n] for n in names] == ["done", "done", "failed"]
+
+  written = tables.write(out)
+  first_bytes = [p.read_bytes() for p in written]
+  assert [p.read_bytes() for p in tables.write(out)] == first_bytes
+  markdown = written[0].read_text()
+  assert "not in the table" in markdown and slugs[2] in markdown
+  # The table's numbers are the mean and std of the points' final evals.
+  evals = []
+  for slug in slugs[:2]:
+    records = read_metrics(out / "points" / slug / "metrics.jsonl")
+    evals.append([r for r in records if r["kind"] == "eval"][-1])
+  acc = [e["accuracy"] for e in evals]
+  loss = [e["loss"] for e in evals]
+  mean_acc, std_acc, _ = tables.stats(acc)
+  mean_loss, std_loss, _ = tables.stats(loss)
+  cells = _table_cells(markdown)["a"]
+  assert cells[0] == f"{100 * mean_acc:.1f} ± {100 * std_acc:.1f}"
+  assert cells[1] == f"{mean_loss:.4f} ± {std_loss:.4f}"
+  final = json.loads(
+    (out / "points" / slugs[0] / "final_metrics.json").read_text()
+  )
+  assert final["accuracy"] == acc[0]
+  assert (written[0].parent / "curves.png").stat().st_size > 0
+  assert "\\begin{tabular}" in written[1].read_text()
