@@ -152,23 +152,3 @@ def get_data_type(name: str) -> DataType:
   values[: 2 * m_ + 1] = np.arange(-m_, m_ + 1, dtype=np.float32) / m_
   used = np.arange(n) < 2 * m_ + 1
   return _table_type(key, bits, values, used)
-
-
-def dynamic_map_signed() -> np.ndarray:
-  """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map`, 7 exp bits).
-
-  256 sorted float32 values in [-0.99296874, 1.0] with 0 and 1; the code of
-  the second level of double quantization.
-  """
-  max_exp_bits, total_bits = 7, 8
-  non_sign_bits = total_bits - 1
-  data = []
-  for i in range(max_exp_bits):
-    items = int(2 ** (i + non_sign_bits - max_exp_bits) + 1)
-    bounds = _linspace_f32(0.1, 1.0, items)
-    means = (bounds[:-1] + bounds[1:]) / np.float32(2.0)
-    scale = 10 ** (-(max_exp_bits - 1) + i)
-    data += (np.float32(scale) * means).tolist()
-    data += (np.float32(-scale) * means).tolist()
-  data += [0.0, 1.0]
-  return np.sort(np.array(data, np.float32))

@@ -96,6 +96,11 @@ class QuantizedTensor:
     return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in leaves))
 
 
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.isfinite(x).all()
+
+
 def _check_input(x: Any, name: str | None) -> jnp.ndarray:
   what = f"tensor {name!r}" if name else "input"
   dtype = getattr(x, "dtype", None)
@@ -107,7 +112,13 @@ def _check_input(x: Any, name: str | None) -> jnp.ndarray:
       f"cannot quantize {what} of dtype {jnp.dtype(dtype).name}: expected "
       f"one of {', '.join(_FLOAT_DTYPES)}"
     )
-  if not isinstance(x, jax.core.Tracer) and not bool(jnp.isfinite(x).all()):
+  if isinstance(x, jax.core.Tracer):
+    return x
+  if isinstance(x, np.ndarray):
+    finite = bool(np.isfinite(x).all())
+  else:
+    finite = bool(_all_finite(x))
+  if not finite:
     bad = np.argwhere(~np.isfinite(np.asarray(x, np.float32)))
     if len(bad):
       raise ValueError(
@@ -175,6 +186,7 @@ def quantize(
   )
 
 
+@jax.jit
 def block_absmax(qt: QuantizedTensor) -> jnp.ndarray:
   """The float32 absmax of every block (reconstructed if double-quantized)."""
   if qt.absmax2 is None:
