@@ -66,8 +66,7 @@ def train_step(
 
     def loss_fn(p):
       variables = qnn.merge_trees(p, frozen)
-      out = tasks.logits(model, variables, micro, False, rngs)
-      sums = tasks.loss_sums(task, out, micro)
+      sums = tasks.batch_sums(task, model, variables, micro, False, rngs)
       return sums["loss"], sums
 
     return jax.grad(loss_fn, has_aux=True)(params)
@@ -111,15 +110,14 @@ def train_step(
 def eval_step(params, batch: dict, frozen: Any, *, model, task: str):
   """Metric sums of one eval batch and the per-row predictions."""
   variables = qnn.merge_trees(params, frozen)
+  if task != tasks.CLASSIFICATION:
+    return tasks.batch_sums(task, model, variables, batch, True), {}
   out = tasks.logits(model, variables, batch, True)
-  sums = tasks.loss_sums(task, out, batch)
-  if task == tasks.CLASSIFICATION:
-    probs = jax.nn.softmax(out, axis=-1)
-    return sums, {
-      "predicted": jnp.argmax(out, -1),
-      "probability": jnp.max(probs, -1),
-    }
-  return sums, {}
+  probs = jax.nn.softmax(out, axis=-1)
+  return tasks.loss_sums(task, out, batch), {
+    "predicted": jnp.argmax(out, -1),
+    "probability": jnp.max(probs, -1),
+  }
 
 
 def jit_train_step(model, task, tx, accum, state_sh, batch_sh, frozen_sh):

@@ -85,3 +85,27 @@ def test_dropout_is_keyed_by_the_step():
   _, m2 = step(s1, batch, frozen)
   assert float(m1["loss"]) == float(m1b["loss"])  # same step, same masks
   assert float(m1["loss"]) != float(m2["loss"])  # next step, new masks
+
+
+def test_chunked_lm_loss_equals_the_full_logits_loss(monkeypatch):
+  from qlora_jax import tasks
+
+  lm, trainable, frozen, batch = _setup()
+  # 96 vocab x 7 tokens per chunk: 36 tokens in 6 chunks, the last padded.
+  monkeypatch.setattr(tasks, "LM_CHUNK_ELEMENTS", 96 * 7)
+
+  def chunked(t):
+    v = qnn.merge_trees(t, frozen)
+    return tasks.batch_sums("causal_lm", lm.model, v, batch, True)
+
+  def full(t):
+    out = tasks.logits(lm.model, qnn.merge_trees(t, frozen), batch, True)
+    return tasks.loss_sums("causal_lm", out, batch)
+
+  a, b = chunked(trainable), full(trainable)
+  for k in ("loss", "weight", "correct"):
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
+  ga = jax.grad(lambda t: chunked(t)["loss"])(trainable)
+  gb = jax.grad(lambda t: full(t)["loss"])(trainable)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)

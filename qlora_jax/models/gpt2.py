@@ -128,17 +128,31 @@ class GPT2LMHeadModel(nn.Module):
     positions=None,
     deterministic: bool = True,
     cache: KVCache | None = None,
+    *,
+    hidden=None,
+    return_hidden: bool = False,
   ):
+    """Logits; or the final hidden states (`return_hidden`); or, given
+    `hidden` [..., hidden_size], the head's logits of those (chunked
+    losses over large vocabularies apply the head to slices of tokens)."""
     c, o = self.config, self.opts
+    if hidden is not None:
+      return self._head(hidden, deterministic)
     segment_ids, positions = default_inputs(
       input_ids, segment_ids, positions, c.max_positions
     )
     model = GPT2Model(c, o, name="transformer")
     x, cache = model(input_ids, segment_ids, positions, deterministic, cache)
+    if return_hidden:
+      return x
+    logits = self._head(x, deterministic)
+    return logits if cache is None else (logits, cache)
+
+  def _head(self, x, deterministic: bool):
+    c, o = self.config, self.opts
     if c.tie_word_embeddings:
-      table = model.variables["base"]["wte"]["embedding"]
+      table = self.variables["base"]["transformer"]["wte"]["embedding"]
       logits = x @ table.astype(o.dtype).T
     else:
       logits = dense(o, c.vocab_size, False, "lm_head")(x, deterministic)
-    logits = logits.astype(jnp.float32)
-    return logits if cache is None else (logits, cache)
+    return logits.astype(jnp.float32)
