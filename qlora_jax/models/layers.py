@@ -28,6 +28,8 @@ class Options:
       checkpointing).
     scan_layers: apply the blocks with `nn.scan` over stacked variables
       (a leading layer axis) so a deep model compiles one block.
+    matmul_kernel: "auto", "xla" or "pallas": the matmul of quantized
+      linear layers (see `qlora_jax.nn.matmul.resolve_kernel`).
   """
 
   plan: qnn.Plan = qnn.Plan()
@@ -35,6 +37,7 @@ class Options:
   base_dtype: Any = jnp.float32
   remat: bool = False
   scan_layers: bool = False
+  matmul_kernel: str = "auto"
 
 
 def dense(opts: Options, features: int, use_bias: bool, name: str):
@@ -45,6 +48,7 @@ def dense(opts: Options, features: int, use_bias: bool, name: str):
     plan=opts.plan,
     dtype=opts.dtype,
     base_dtype=opts.base_dtype,
+    matmul_kernel=opts.matmul_kernel,
     name=name,
   )
 

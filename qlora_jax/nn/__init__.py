@@ -4,9 +4,11 @@ from qlora_jax.nn.dense import BASE, PARAMS, QLoRADense, base_param, path_name
 from qlora_jax.nn.hash_dropout import Dropout, dropout
 from qlora_jax.nn.lora import INITS, LoraSpec, init_adapter
 from qlora_jax.nn.matmul import (
+  KERNELS,
   dequantized,
   frozen_matmul,
   quantized_matmul,
+  resolve_kernel,
 )
 from qlora_jax.nn.merge import merge_adapters, merged_weight, unmerge_adapters
 from qlora_jax.nn.plan import ALL_LINEAR, LayerSpec, Plan, make_plan, select
@@ -24,6 +26,7 @@ __all__ = [
   "BASE",
   "Dropout",
   "INITS",
+  "KERNELS",
   "PARAMS",
   "LayerSpec",
   "LoraSpec",
@@ -43,6 +46,7 @@ __all__ = [
   "num_params",
   "path_name",
   "quantized_matmul",
+  "resolve_kernel",
   "select",
   "split_trainable",
   "unflatten",

@@ -57,6 +57,8 @@ class QLoRADense(nn.Module):
       quantized).
     weight_init: initializer of the base weight, called with shape [out, in]
       (only used when the model is initialised randomly).
+    matmul_kernel: "auto", "xla" or "pallas", for a quantized base (see
+      `qlora_jax.nn.matmul.resolve_kernel`).
   """
 
   features: int
@@ -65,6 +67,7 @@ class QLoRADense(nn.Module):
   dtype: Any = jnp.bfloat16
   base_dtype: Any = jnp.float32
   weight_init: Callable = default_weight_init
+  matmul_kernel: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, deterministic: bool = True):
@@ -88,7 +91,7 @@ class QLoRADense(nn.Module):
       return cache[key]
 
     weight = self.variable(BASE, "weight", lambda: initial("weight")).value
-    y = frozen_matmul(x, weight, self.dtype)
+    y = frozen_matmul(x, weight, self.dtype, self.matmul_kernel)
     if lora is not None:
       # Variables rather than `self.param`: no abstract re-run of the init
       # (an SVD for PiSSA / LoftQ) at every apply.

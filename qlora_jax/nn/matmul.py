@@ -13,6 +13,11 @@ of the step. Codes that share a byte are dequantized as separate planes (for
 4 bits: the high nibbles hold the even columns, the low nibbles the odd
 ones), and the activations are split the same way, so the planes need no
 interleaving.
+
+`kernel` picks the implementation of a quantized matmul: "xla" (the above,
+the reference), "pallas" (the fused 4-bit kernel of `pallas_matmul`, in
+interpret mode on the CPU) or "auto" (Pallas on a single GPU or TPU for the
+layouts it reads, XLA otherwise).
 """
 
 import functools
@@ -22,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax import quant
+from qlora_jax.nn import pallas_matmul
 from qlora_jax.quant.codebooks import get_data_type
 
 # Elements of W dequantized per loop iteration (4 MiB of float32).
 CHUNK_ELEMENTS = 1 << 20
+KERNELS = ("auto", "xla", "pallas")
 
 
 def _dot_last(x: jnp.ndarray, w: jnp.ndarray, w_axis: int) -> jnp.ndarray:
@@ -124,23 +131,56 @@ def _chunked_input_grad(g, qt: quant.QuantizedTensor, dtype, rows: int):
   return jnp.stack(parts, axis=-1).reshape(*g.shape[:-1], in_f)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def quantized_matmul(x: jnp.ndarray, qt: quant.QuantizedTensor, dtype):
-  """x [..., in] @ dequantize(qt).T -> [..., out]; x is already in `dtype`."""
+def resolve_kernel(kernel: str, qt: quant.QuantizedTensor) -> str:
+  """ "xla" or "pallas" for a requested `kernel` and the weight's layout.
+
+  Raises:
+    ValueError: an unknown kernel, or "pallas" for a layout the kernel
+      cannot read (say, 3-bit codes); "auto" falls back to XLA for those.
+  """
+  if kernel not in KERNELS:
+    raise ValueError(f"matmul kernel {kernel!r}: expected one of {KERNELS}")
+  if kernel == "xla":
+    return "xla"
+  reason = pallas_matmul.unsupported_reason(qt)
+  if kernel == "pallas":
+    if reason is not None:
+      raise ValueError(
+        f"matmul kernel 'pallas' cannot read this weight: {reason} (use "
+        "'auto' to fall back to XLA for such weights)"
+      )
+    return "pallas"
+  # One device: the kernel is not partitioned over a mesh (no shard_map).
+  on_accelerator = jax.default_backend() in ("gpu", "tpu")
+  if on_accelerator and jax.device_count() == 1 and reason is None:
+    return "pallas"
+  return "xla"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def quantized_matmul(
+  x: jnp.ndarray, qt: quant.QuantizedTensor, dtype, kernel: str = "xla"
+):
+  """x [..., in] @ dequantize(qt).T -> [..., out]; x is already in `dtype`;
+  `kernel` is "xla" or "pallas" (see `resolve_kernel`)."""
+  if kernel == "pallas":
+    return pallas_matmul.matmul(x, qt, dtype)
   rows = chunk_rows(qt)
   if rows is None:
     return _dot_last(x, quant.dequantize(qt, dtype), 1)
   return _chunked_forward(x, qt, dtype, rows)
 
 
-def _fwd(x, qt, dtype):
-  return quantized_matmul(x, qt, dtype), qt
+def _fwd(x, qt, dtype, kernel):
+  return quantized_matmul(x, qt, dtype, kernel), qt
 
 
-def _bwd(dtype, qt, g):
+def _bwd(dtype, kernel, qt, g):
   g = g.astype(dtype)
   rows = chunk_rows(qt)
-  if rows is None:
+  if kernel == "pallas":
+    dx = pallas_matmul.input_grad(g, qt, dtype)
+  elif rows is None:
     dx = _dot_last(g, quant.dequantize(qt, dtype), 0)
   else:
     dx = _chunked_input_grad(g, qt, dtype, rows)
@@ -150,10 +190,14 @@ def _bwd(dtype, qt, g):
 quantized_matmul.defvjp(_fwd, _bwd)
 
 
-def frozen_matmul(x: jnp.ndarray, weight, dtype) -> jnp.ndarray:
-  """x [..., in] @ W.T for W [out, in]: a QuantizedTensor or a float array."""
+def frozen_matmul(
+  x: jnp.ndarray, weight, dtype, kernel: str = "auto"
+) -> jnp.ndarray:
+  """x [..., in] @ W.T for W [out, in]: a QuantizedTensor or a float array;
+  `kernel` ("auto", "xla", "pallas") applies to a QuantizedTensor."""
   if isinstance(weight, quant.QuantizedTensor):
-    return quantized_matmul(x.astype(dtype), weight, jnp.dtype(dtype))
+    kernel = resolve_kernel(kernel, weight)
+    return quantized_matmul(x.astype(dtype), weight, jnp.dtype(dtype), kernel)
   return _dot_last(x.astype(dtype), weight.astype(dtype), 1)
 
 
