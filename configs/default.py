@@ -26,6 +26,10 @@ def get_config() -> config_dict.ConfigDict:
   c.model.scan_layers = False  # nn.scan over blocks: compile one block
   c.model.remat = False  # recompute blocks in the backward pass
   c.model.hf_config = {}  # a config.json as a dict: random init, no checkpoint
+  # Matmul of quantized layers: "auto" (the fused Pallas kernel on one GPU
+  # or TPU, XLA otherwise), "xla" or "pallas".
+  c.model.matmul_kernel = "auto"
+  c.model.adapter = ""  # a PEFT LoRA adapter folder to start from
 
   c.quant = config_dict.ConfigDict()
   c.quant.data_type = "nf4"  # "none", nf4, fp4, fp8, nf<k>, int<k>

@@ -2,7 +2,9 @@
 
 Config sections used here (see configs/default.py for every field):
   model: checkpoint, task, dtype, base_dtype, scan_layers, remat,
-    hf_config (a config.json as a dict, for random-init models)
+    hf_config (a config.json as a dict, for random-init models),
+    matmul_kernel ("auto" when absent: "xla", "pallas" or "auto"), adapter
+    (optional: a PEFT LoRA adapter folder to start from)
   quant, lora: as `qlora_jax.nn.make_plan` takes them
   train: mode ("lora" or "full"), train_modules, seed
   data: source, train_path, eval_path, max_length, packing, text_split
@@ -10,6 +12,7 @@ Config sections used here (see configs/default.py for every field):
 
 import dataclasses
 import pathlib
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,6 +57,15 @@ def dtype(name: str, field: str):
       f"{field}: unknown dtype {name!r}, expected {list(_DTYPES)}"
     )
   return _DTYPES[name]
+
+
+def matmul_kernel(name: str) -> str:
+  if name not in qnn.KERNELS:
+    raise ValueError(
+      f"model.matmul_kernel: unknown kernel {name!r}, expected "
+      f"{list(qnn.KERNELS)}"
+    )
+  return name
 
 
 def _plain(cfg) -> Any:
@@ -184,7 +196,10 @@ def load_model(
     remat=bool(m.remat),
     seed=int(config.train.seed),
     place=place,
+    matmul_kernel=matmul_kernel(m.get("matmul_kernel", "auto")),
   )
+  if m.get("adapter"):
+    return _load_with_adapter(config, kwargs, place)
   if m.checkpoint:
     path = resolve_checkpoint(m.checkpoint)
     logging.info("loading %s", path)
@@ -195,6 +210,41 @@ def load_model(
       "randomly initialised model"
     )
   return models.init_random(_plain(m.hf_config), **kwargs)
+
+
+def _load_with_adapter(config, kwargs: dict, place):
+  """model.adapter: the plan and "params" from a PEFT adapter folder; the
+  run's lora section gives only the dropout."""
+  from qlora_jax import interop  # noqa: PLC0415
+
+  m = config.model
+  if not m.checkpoint:
+    raise ValueError("model.adapter needs model.checkpoint: the adapter's base")
+  if kwargs["lora"] is None:
+    raise ValueError(
+      "model.adapter is set, but lora.enabled is False or train.mode is "
+      "'full': an adapter needs LoRA training"
+    )
+  path = resolve_checkpoint(m.checkpoint)
+  spec = models.ModelSpec(
+    models.read_config(path / "config.json"),
+    kwargs["task"],
+    kwargs["num_labels"],
+  )
+  adapter = interop.read_adapter(m.adapter, spec, kwargs["scan_layers"])
+  _, _, train_modules = lora_and_quant(config)
+  pairs = zip(adapter.train_paths, adapter.train_patterns, strict=True)
+  for name, p in pairs:
+    if not any(re.search(t, name) for t in train_modules):
+      raise ValueError(
+        f"model.adapter {m.adapter} trains {name} (modules_to_save): add "
+        f"{p!r} to train.train_modules"
+      )
+  kwargs["lora"] = dict(adapter.lora, dropout=kwargs["lora"].get("dropout", 0))
+  logging.info("loading %s with the PEFT adapter %s", path, m.adapter)
+  loaded = models.from_pretrained(path, **kwargs)
+  loaded.variables = interop.apply_adapter(loaded.variables, adapter, place)
+  return loaded
 
 
 def split_variables(config, variables) -> tuple[dict, dict]:

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax import nn as qnn
+from qlora_jax import quant
+from qlora_jax.models import prequantized
 from qlora_jax.models.hf_names import Layout
 from qlora_jax.models.layers import Options
 from qlora_jax.models.registry import ModelSpec
@@ -213,7 +215,8 @@ def read_variables(
     stack = _Stack(len(group)) if group[0].layer is not None else None
     for t in sorted(group, key=lambda t: t.layer or 0):
       array = ckpt.read(keys[t.name])
-      if layout.is_transposed(t.name):
+      prequantized = isinstance(array, quant.QuantizedTensor)
+      if layout.is_transposed(t.name) and not prequantized:
         array = np.ascontiguousarray(array.T)
       values = _convert(array, t, dest, opts, root)
       for path, value in values.items():
@@ -242,14 +245,15 @@ def _convert(array, t: Target, dest: Path, opts: Options, root):
   module = "/".join(dest[:-1])
   name = module if t.layer is None else f"{module}[{t.layer}]"
   layer_spec = opts.plan.lookup(module)
-  values = qnn.init_adapter(
-    _layer_key(root, module, t.layer),
-    array,
-    layer_spec.lora,
-    layer_spec.quant,
-    opts.base_dtype,
-    name,
-  )
+  key = _layer_key(root, module, t.layer)
+  if isinstance(array, quant.QuantizedTensor):  # stored quantized
+    values = prequantized.adapter_over(
+      array, key, layer_spec.lora, opts.base_dtype, name
+    )
+  else:
+    values = qnn.init_adapter(
+      key, array, layer_spec.lora, layer_spec.quant, opts.base_dtype, name
+    )
   return {
     (qnn.BASE if k == "weight" else qnn.PARAMS, *dest[:-1], k): v
     for k, v in values.items()

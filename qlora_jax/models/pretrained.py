@@ -19,7 +19,7 @@ import tokenizers
 from absl import logging
 
 from qlora_jax import nn as qnn
-from qlora_jax.models import loading
+from qlora_jax.models import loading, prequantized
 from qlora_jax.models.config import Config, from_dict, read_config
 from qlora_jax.models.layers import Options
 from qlora_jax.models.registry import ModelSpec
@@ -78,6 +78,7 @@ def from_pretrained(
   remat: bool = False,
   seed: int = 0,
   place: loading.Place | None = None,
+  matmul_kernel: str = "auto",
 ) -> Pretrained:
   """Loads a Hugging Face checkpoint folder, quantizing as it reads.
 
@@ -99,6 +100,8 @@ def from_pretrained(
     place: `place(path, leaf) -> leaf`, called once per variable as soon
       as it is complete (path "base/model/embed_tokens/embedding"), e.g.
       to put it on a device mesh; default: the default device.
+    matmul_kernel: "auto", "xla" or "pallas", the matmul of quantized
+      linear layers (`Options.matmul_kernel`).
 
   Raises:
     ConfigError, CheckpointError (ValueErrors naming file and tensor): an
@@ -110,11 +113,22 @@ def from_pretrained(
   config_file = folder / "config.json"
   config = read_config(config_file)
   spec = ModelSpec(config, task, num_labels)
+  ckpt = Checkpoint(folder)
+  section = prequantized.read_section(config_file)
+  if section is not None:  # linear weights stored quantized
+    if quant:
+      raise ValueError(
+        f"quant: {config_file} holds quantized weights ({section.spec}); "
+        "pass quant=None"
+      )
+    targets = loading.targets(spec, scan_layers)
+    quant = prequantized.quant_targets(section, targets, spec.layout)
+    ckpt = prequantized.QuantizedCheckpoint(ckpt, section, spec.layout)
   plan = model_plan(spec, lora, quant, scan_layers)
-  opts = Options(plan, dtype, base_dtype, remat, scan_layers)
+  opts = Options(plan, dtype, base_dtype, remat, scan_layers, matmul_kernel)
   model = spec.build(opts)
   flat, stats = loading.read_variables(
-    Checkpoint(folder), spec, opts, str(config_file), seed, place
+    ckpt, spec, opts, str(config_file), seed, place
   )
   variables = _complete(model, spec, opts, flat, seed, place)
   stats.seconds = time.perf_counter() - start
@@ -136,6 +150,7 @@ def init_random(
   remat: bool = False,
   seed: int = 0,
   place: loading.Place | None = None,
+  matmul_kernel: str = "auto",
 ) -> Pretrained:
   """A randomly initialised model of the same classes as `from_pretrained`.
 
@@ -147,7 +162,8 @@ def init_random(
     config = from_dict(config)
   spec = ModelSpec(config, task, num_labels)
   plan = model_plan(spec, lora, quant, scan_layers)
-  model = spec.build(Options(plan, dtype, base_dtype, remat, scan_layers))
+  opts = Options(plan, dtype, base_dtype, remat, scan_layers, matmul_kernel)
+  model = spec.build(opts)
   rngs = {"params": jax.random.key(seed)}
   variables = jax.jit(model.init)(rngs, *spec.dummy_inputs())
   place = place or loading.default_place

@@ -1,0 +1,48 @@
+"""Exports a training run: its adapters for PEFT, or its merged model.
+
+python -m experiments.export --workdir RUN --out DIR \
+    [--merged] [--dtype bfloat16|float32] [--requantize] [--step N]
+
+Without --merged: a PEFT LoRA adapter (adapter_config.json and
+adapter_model.safetensors) over the run's base checkpoint. With --merged:
+a Hugging Face folder with the adapters folded into the dequantized base
+(transformers loads it); --requantize stores the merged quantized layers as
+codes and scales that `qlora_jax.models.from_pretrained` reads back.
+The base is rebuilt from RUN/config.json and the trainable tree restored
+from the latest checkpoint (or --step).
+"""
+
+import jax
+from absl import app, flags, logging
+
+from qlora_jax.interop import runs
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+_OUT = flags.DEFINE_string("out", None, "Folder to write.")
+_MERGED = flags.DEFINE_bool("merged", False, "Write the merged model.")
+_DTYPE = flags.DEFINE_enum(
+  "dtype", "float32", ["float32", "bfloat16"], "Merged float tensors."
+)
+_REQUANTIZE = flags.DEFINE_bool(
+  "requantize", False, "Merged: quantize the merged layers again."
+)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (latest).")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+  del argv
+  logging.info("devices: %s", jax.devices())
+  if _MERGED.value:
+    runs.export_merged(
+      _WORKDIR.value, _OUT.value, _DTYPE.value, _REQUANTIZE.value, _STEP.value
+    )
+  else:
+    if _REQUANTIZE.value:
+      raise app.UsageError("--requantize needs --merged")
+    runs.export_adapter(_WORKDIR.value, _OUT.value, _STEP.value)
+  logging.info("wrote %s", _OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

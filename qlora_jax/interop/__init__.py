@@ -1,0 +1,27 @@
+"""Interop with PEFT and transformers: adapters out and in, merged models out.
+
+`qlora_jax.interop.runs` exports a training run (it imports the engine, so
+it is not imported here: `qlora_jax.build` imports this package).
+"""
+
+from qlora_jax.interop.hf_export import merge, merged_model, write_merged
+from qlora_jax.interop.peft import write_adapter
+from qlora_jax.interop.peft_config import AdapterError
+from qlora_jax.interop.peft_import import (
+  Adapter,
+  apply_adapter,
+  from_peft,
+  read_adapter,
+)
+
+__all__ = [
+  "Adapter",
+  "AdapterError",
+  "apply_adapter",
+  "from_peft",
+  "merge",
+  "merged_model",
+  "read_adapter",
+  "write_adapter",
+  "write_merged",
+]
