@@ -1,5 +1,6 @@
 """Measuring compiled programs: XLA's memory analysis and step times."""
 
+import ctypes
 import resource
 import statistics
 import time
@@ -44,3 +45,15 @@ def median_seconds(
 def peak_rss_bytes() -> int:
   """Peak resident memory of this process so far (Linux: KiB -> bytes)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_host_memory() -> None:
+  """Returns freed heap pages to the OS (glibc's malloc_trim; a no-op
+  elsewhere). Compilation and loading free hundreds of MiB that the
+  allocator would otherwise keep, and the next phase's peak would stack on
+  them."""
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return
+  libc.malloc_trim(0)

@@ -65,8 +65,7 @@ def train_step(
     rngs = {"dropout": jax.random.fold_in(key, index)}
 
     def loss_fn(p):
-      variables = qnn.merge_trees(p, frozen)
-      sums = tasks.batch_sums(task, model, variables, micro, False, rngs)
+      sums = tasks.batch_sums(task, model, p, micro, False, rngs, frozen=frozen)
       return sums["loss"], sums
 
     return jax.grad(loss_fn, has_aux=True)(params)

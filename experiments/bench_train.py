@@ -1,0 +1,126 @@
+"""Training throughput and peak memory, side by side with PEFT + bitsandbytes.
+
+python -m experiments.bench_train [--steps 10 --warmup 3]
+
+A Llama-shaped model (hidden 512, 4 layers, 8 heads, MLP 1408, vocab
+32,000; random weights written once as a Hugging Face folder), batch 4 x 128
+tokens, AdamW, LoRA r=16 on every linear layer: full fine-tune, LoRA over an
+f32 and a bf16 base, and QLoRA NF4 + double quantization, each in its own
+process. When torch, transformers, peft and bitsandbytes import (the peers
+extra), the same four run with PEFT + bitsandbytes in the same invocation,
+alternating with ours. Prints tokens/s (median step after warm-up) and peak
+RSS per run and the ratios; the last line is one JSON object.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl import app, flags
+
+from qlora_jax import benchmark
+
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per run.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
+_MODES = flags.DEFINE_list("modes", list(benchmark.MODES), "Modes to run.")
+_PEERS = flags.DEFINE_enum("peers", "auto", ["auto", "on", "off"], "PEFT.")
+_REMAT = flags.DEFINE_bool(
+  "remat", False, "Ours: recompute blocks in the backward pass (PEFT runs "
+  "without gradient checkpointing)."
+)
+_SCAN = flags.DEFINE_bool("scan_layers", True, "Ours: nn.scan over blocks.")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: IMPL:MODE:CKPT.")
+
+_PEER_IMPORTS = "import torch, transformers, peft, bitsandbytes"
+GiB = 2**30
+
+
+def _worker(spec: str) -> None:
+  impl, mode, checkpoint = spec.split(":", 2)
+  kwargs = {"steps_timed": _STEPS.value, "warmup": _WARMUP.value}
+  if impl == "ours":
+    result = benchmark.train_throughput(
+      mode, checkpoint, remat=_REMAT.value, scan_layers=_SCAN.value, **kwargs
+    )
+  else:
+    from experiments.peers import peft_train  # noqa: PLC0415
+
+    result = peft_train.train_throughput(mode, checkpoint, **kwargs)
+  print(json.dumps(result))
+
+
+def _run(impl: str, mode: str, checkpoint: str) -> dict:
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.bench_train",
+    f"--worker={impl}:{mode}:{checkpoint}",
+    f"--steps={_STEPS.value}",
+    f"--warmup={_WARMUP.value}",
+    f"--remat={_REMAT.value}",
+    f"--scan_layers={_SCAN.value}",
+  ]
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{impl} {mode} failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _peers_available() -> bool:
+  if _PEERS.value != "auto":
+    return _PEERS.value == "on"
+  probe = subprocess.run(
+    [sys.executable, "-c", _PEER_IMPORTS], capture_output=True, check=False
+  )
+  return probe.returncode == 0
+
+
+def main(argv):
+  del argv
+  if _WORKER.value:
+    _worker(_WORKER.value)
+    return
+  peers = _peers_available()
+  results: dict[str, dict] = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    benchmark.write_random_llama(tmp, benchmark.llama_config())
+    for mode in _MODES.value:
+      impls = ["ours", "peft"] if peers else ["ours"]
+      for impl in impls:
+        r = _run(impl, mode, tmp)
+        results[f"{impl}_{mode}"] = r
+        print(
+          f"{impl:<5} {mode:<13} {r['tokens_per_s']:8.0f} tokens/s  "
+          f"step {r['step_s']:.3f} s  peak RSS {r['peak_rss_bytes'] / GiB:.2f} "
+          f"GiB  trainable {r['trainable_params']:,}",
+          flush=True,
+        )
+  summary: dict[str, float] = {}
+  for key, r in results.items():
+    summary[f"{key}_tokens_per_s"] = round(r["tokens_per_s"], 1)
+    summary[f"{key}_peak_rss_gib"] = round(r["peak_rss_bytes"] / GiB, 3)
+  q = results.get("ours_qlora_nf4_dq")
+  loras = [results.get(f"ours_{m}") for m in ("lora_f32", "lora_bf16")]
+  loras = [r for r in loras if r]
+  if q and loras:
+    ratio = q["step_s"] / min(r["step_s"] for r in loras)
+    summary["qlora_step_time_ratio_vs_own_lora"] = round(ratio, 3)
+    print(f"our QLoRA step time: {ratio:.2f}x our faster LoRA")
+  pq = results.get("peft_qlora_nf4_dq")
+  if q and pq:
+    tok = q["tokens_per_s"] / pq["tokens_per_s"]
+    rss = q["peak_rss_bytes"] / pq["peak_rss_bytes"]
+    summary["qlora_tokens_per_s_ratio_vs_peft"] = round(tok, 3)
+    summary["qlora_peak_rss_ratio_vs_peft"] = round(rss, 3)
+    print(
+      f"QLoRA vs PEFT + bitsandbytes: {tok:.2f}x tokens/s, {rss:.2f}x peak RSS"
+    )
+  summary["peers"] = peers
+  summary["cpu_count"] = os.cpu_count()
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)
