@@ -27,8 +27,10 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
 _MODES = flags.DEFINE_list("modes", list(benchmark.MODES), "Modes to run.")
 _PEERS = flags.DEFINE_enum("peers", "auto", ["auto", "on", "off"], "PEFT.")
 _REMAT = flags.DEFINE_bool(
-  "remat", False, "Ours: recompute blocks in the backward pass (PEFT runs "
-  "without gradient checkpointing)."
+  "remat",
+  False,
+  "Ours: recompute blocks in the backward pass (PEFT runs "
+  "without gradient checkpointing).",
 )
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Ours: nn.scan over blocks.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: IMPL:MODE:CKPT.")
