@@ -44,10 +44,11 @@ def get_config():
 
 
 def get_sweep():
+  # Seed-major: a sweep stopped early still has a seed of every method.
   return [
     {"method": name, **overrides, "train.seed": seed}
-    for name, overrides in METHODS.items()
     for seed in SEEDS
+    for name, overrides in METHODS.items()
   ]
 
 
