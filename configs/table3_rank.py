@@ -34,9 +34,10 @@ def get_sweep():
       "lora.alpha": 2.0 * rank,
       "train.seed": seed,
     }
+    # Seed-major: a sweep stopped early has a seed of every point.
+    for seed in SEEDS
     for name, targets in TARGETS.items()
     for rank in RANKS
-    for seed in SEEDS
   ]
 
 
