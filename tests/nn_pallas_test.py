@@ -167,3 +167,20 @@ def test_bench_kernel_smoke_run_reports_json(tmp_path):
     if r["impl"] == "pallas" and r["regime"] == "decode"
   ]
   assert summary["pallas_decode_speedup_vs_bf16_min"] == min(decode)
+
+
+@pytest.mark.parametrize("tokens", [16, 256])
+def test_triton_kernels_lower_for_cuda(tokens):
+  """Without a GPU, both kernels still lower through Pallas' Triton path
+  to a CUDA module (decode-like and prefill-like tiles): what interpret
+  mode cannot show, that every op in them has a Triton lowering."""
+  w = jax.random.normal(jax.random.key(0), (256, 512))
+  qt = quant.quantize(w, "nf4", 64, True)
+  x = jnp.ones((tokens, 512), jnp.bfloat16)
+  g = jnp.ones((tokens, 256), jnp.bfloat16)
+  for fn, arg in ((pm.matmul, x), (pm.input_grad, g)):
+    f = jax.jit(
+      lambda a, fn=fn: fn(a, qt, jnp.bfloat16, target="gpu", interpret=False)
+    )
+    text = f.trace(arg).lower(lowering_platforms=("cuda",)).as_text()
+    assert "qlora_4bit" in text and "__gpu$xla.gpu.triton" in text
