@@ -79,7 +79,13 @@ def apply_overrides(
       node = node[part]
     if leaf not in node:
       raise ValueError(f"sweep override {key!r}: no config field {leaf!r}")
-    node[leaf] = value
+    old = node[leaf]
+    if isinstance(old, str | list | tuple) and isinstance(value, list | tuple):
+      # Fields such as lora.targets take a string or a list of names.
+      with node.ignore_type():
+        node[leaf] = list(value)
+    else:
+      node[leaf] = value
   return config
 
 

@@ -3,6 +3,9 @@
 import json
 import shutil
 
+import pytest
+
+from configs import default, table2_finetune, table3_rank, table4_bits
 from qlora_jax import sweep, tables
 from qlora_jax.metrics import read_metrics
 from tests import tiny_config
@@ -81,3 +84,21 @@ def test_sweep_runs_resumes_records_failures_and_renders(tmp_path):
   assert final["accuracy"] == acc[0]
   assert (written[0].parent / "curves.png").stat().st_size > 0
   assert "\\begin{tabular}" in written[1].read_text()
+
+
+def test_overrides_keep_types_but_targets_take_lists():
+  base = default.get_config()
+  c = sweep.apply_overrides(
+    base, {"lora.targets": ["query", "value"], "lora.rank": 4}
+  )
+  assert c.lora.targets == ["query", "value"] and c.lora.rank == 4
+  assert base.lora.targets == "all-linear"  # the base config is untouched
+  with pytest.raises(TypeError):
+    sweep.apply_overrides(base, {"lora.rank": "four"})
+  with pytest.raises(ValueError, match="no config field 'rnak'"):
+    sweep.apply_overrides(base, {"lora.rnak": 4})
+  # Every point of the committed table configs applies to its base config.
+  for module in (table2_finetune, table3_rank, table4_bits):
+    for point in module.get_sweep():
+      overrides = {k: v for k, v in point.items() if "." in k}
+      sweep.apply_overrides(module.get_config(), overrides)
