@@ -9,7 +9,6 @@ loads without any float copy of its quantized weights.
 import json
 import pathlib
 
-import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -17,22 +16,12 @@ from safetensors import safe_open
 
 from qlora_jax import interop, models, quant
 from qlora_jax import nn as qnn
+from tests.interop_helpers import IDS, randomize
 
 DATA = pathlib.Path(__file__).parent / "data"
 LLAMA = DATA / "hf" / "llama_gqa"
 NF4 = {"data_type": "nf4", "block_size": 32, "double_quant": True}
 LORA = {"rank": 4, "alpha": 8, "rank_pattern": {"down_proj": 2}}
-IDS = np.array([[1, 17, 4, 42, 8, 2, 33, 9], [1, 5, 6, 7, 80, 12, 3, 4]])
-
-
-def _randomize(lm, seed: int = 0):
-  flat = qnn.flatten(lm.variables)
-  key = jax.random.key(seed)
-  for i, path in enumerate(sorted(p for p in flat if p[0] == qnn.PARAMS)):
-    x = jax.random.normal(jax.random.fold_in(key, i), flat[path].shape)
-    flat[path] = 0.5 + abs(x) if path[-1] == "lora_magnitude" else 0.1 * x
-  lm.variables = qnn.unflatten(flat)
-  return lm
 
 
 def _keys(folder) -> dict:
@@ -56,7 +45,7 @@ def _write(lm, folder, merged, base, scan=False, **kw):
 
 @pytest.fixture(scope="module")
 def llama_nf4():
-  return _randomize(models.from_pretrained(LLAMA, lora=LORA, quant=NF4))
+  return randomize(models.from_pretrained(LLAMA, lora=LORA, quant=NF4))
 
 
 def test_float_merge_reloads_exactly_and_equals_the_adapted_model(
@@ -108,7 +97,7 @@ def test_requantized_merge_reloads_exactly_without_float_copies(
 
 
 def test_scanned_model_exports_per_layer_in_bfloat16(tmp_path):
-  lm = _randomize(
+  lm = randomize(
     models.from_pretrained(LLAMA, lora=LORA, quant=NF4, scan_layers=True)
   )
   merged, want = _merged_outputs(lm, requantize=False)
@@ -127,7 +116,7 @@ def test_scanned_model_exports_per_layer_in_bfloat16(tmp_path):
 
 def test_gpt2_conv1d_weights_are_written_in_out(tmp_path):
   gpt2 = DATA / "hf" / "gpt2"
-  lm = _randomize(models.from_pretrained(gpt2, lora={"rank": 4}, quant=NF4))
+  lm = randomize(models.from_pretrained(gpt2, lora={"rank": 4}, quant=NF4))
   merged, want = _merged_outputs(lm, requantize=False)
   out = _write(lm, tmp_path, merged, gpt2)
   with safe_open(str(out / "model.safetensors"), "numpy") as f:
@@ -141,7 +130,7 @@ def test_gpt2_conv1d_weights_are_written_in_out(tmp_path):
 
 def test_bert_classifier_folder(tmp_path):
   bert = DATA / "hf" / "bert"
-  lm = _randomize(
+  lm = randomize(
     models.from_pretrained(
       bert, task="classification", num_labels=2, lora={"rank": 2}, quant=NF4
     )

@@ -12,7 +12,6 @@ loads).
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 
@@ -22,26 +21,12 @@ peft = pytest.importorskip("peft")
 
 from qlora_jax import interop, models  # noqa: E402
 from qlora_jax import nn as qnn  # noqa: E402
+from tests.interop_helpers import IDS, randomize, rel_error  # noqa: E402
 
 pytestmark = pytest.mark.peers
 DATA = pathlib.Path(__file__).parent / "data"
-IDS = np.array([[1, 17, 4, 42, 8, 2, 33, 9], [1, 5, 6, 7, 80, 12, 3, 4]])
 NF4 = {"data_type": "nf4", "block_size": 64, "double_quant": True}
 TOL = 1e-4
-
-
-def _rel_error(ours, ref) -> float:
-  return float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
-
-
-def _randomize(lm, seed: int = 0):
-  flat = qnn.flatten(lm.variables)
-  key = jax.random.key(seed)
-  for i, path in enumerate(sorted(p for p in flat if p[0] == qnn.PARAMS)):
-    x = jax.random.normal(jax.random.fold_in(key, i), flat[path].shape)
-    flat[path] = 0.5 + abs(x) if path[-1] == "lora_magnitude" else 0.1 * x
-  lm.variables = qnn.unflatten(flat)
-  return lm
 
 
 def _hf(folder, cls=None):
@@ -65,7 +50,7 @@ def _hf(folder, cls=None):
 )
 def test_peft_loads_our_adapter(tmp_path, name, lora):
   base = DATA / "hf" / name
-  lm = _randomize(models.from_pretrained(base, lora=lora))
+  lm = randomize(models.from_pretrained(base, lora=lora))
   trainable, _ = qnn.split_trainable(lm.variables)
   spec = models.ModelSpec(lm.config, "causal_lm")
   interop.write_adapter(tmp_path, trainable, lm.plan, spec, False, str(base))
@@ -73,18 +58,18 @@ def test_peft_loads_our_adapter(tmp_path, name, lora):
   model = peft.PeftModel.from_pretrained(_hf(base), str(tmp_path)).eval()
   with torch.no_grad():
     theirs = model(torch.tensor(IDS)).logits.numpy()
-  err = _rel_error(ours, theirs)
+  err = rel_error(ours, theirs)
   print(f"{name} {sorted(lora)}: PEFT vs ours max rel error {err:.2e}")
   assert err <= TOL
   # And the adapter changes the output (a test that can fail).
   with torch.no_grad(), model.disable_adapter():
     plain = model(torch.tensor(IDS)).logits.numpy()
-  assert _rel_error(plain, theirs) > 1e-2
+  assert rel_error(plain, theirs) > 1e-2
 
 
 def test_peft_loads_our_bert_adapter(tmp_path):
   base = DATA / "hf" / "bert"
-  lm = _randomize(
+  lm = randomize(
     models.from_pretrained(
       base, task="embedding", lora={"targets": "all-linear", "rank": 4}
     )
@@ -107,14 +92,14 @@ def test_peft_loads_our_bert_adapter(tmp_path):
       token_type_ids=torch.tensor(types),
     ).last_hidden_state.numpy()
   keep = mask.astype(bool)  # padded positions differ by design
-  err = _rel_error(np.asarray(ours)[keep], out[keep])
+  err = rel_error(np.asarray(ours)[keep], out[keep])
   print(f"bert: PEFT vs ours max rel error {err:.2e}")
   assert err <= TOL
 
 
 def test_transformers_loads_the_nf4_merged_model(tmp_path):
   base = DATA / "hf" / "llama_gqa"
-  lm = _randomize(
+  lm = randomize(
     models.from_pretrained(base, lora={"rank": 4, "alpha": 8}, quant=NF4)
   )
   merged, plan = interop.merge(lm.variables, lm.plan)
@@ -124,9 +109,9 @@ def test_transformers_loads_the_nf4_merged_model(tmp_path):
   interop.write_merged(tmp_path, merged, spec, False, base=base, raw_config=raw)
   with torch.no_grad():
     theirs = _hf(tmp_path)(torch.tensor(IDS)).logits.numpy()
-  err = _rel_error(ours, theirs)
+  err = rel_error(ours, theirs)
   print(f"nf4 merged: transformers vs ours max rel error {err:.2e}")
   assert err <= TOL
   unmerged = lm.model.apply(lm.variables, IDS)
-  print(f"nf4 merged vs unmerged (ours): {_rel_error(unmerged, theirs):.2e}")
-  assert _rel_error(unmerged, theirs) <= TOL
+  print(f"nf4 merged vs unmerged (ours): {rel_error(unmerged, theirs):.2e}")
+  assert rel_error(unmerged, theirs) <= TOL

@@ -9,7 +9,6 @@ models_parity_test.
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from qlora_jax import interop, models
 from qlora_jax import nn as qnn
 from qlora_jax.interop import peft_config
+from tests.interop_helpers import randomize, rel_error
 
 DATA = pathlib.Path(__file__).parent / "data"
 LLAMA = DATA / "hf" / "llama_gqa"
@@ -30,21 +30,6 @@ FIXTURE_LORA = {
   "rank_pattern": {"down_proj": 2},
   "alpha_pattern": {"down_proj": 4},
 }
-
-
-def _rel_error(ours, ref) -> float:
-  return float(np.abs(np.asarray(ours) - ref).max() / np.abs(ref).max())
-
-
-def _randomize(lm, seed: int = 0):
-  """Every trainable leaf random (B = 0 would hide layout errors)."""
-  flat = qnn.flatten(lm.variables)
-  key = jax.random.key(seed)
-  for i, path in enumerate(sorted(p for p in flat if p[0] == qnn.PARAMS)):
-    x = jax.random.normal(jax.random.fold_in(key, i), flat[path].shape)
-    flat[path] = 0.5 + abs(x) if path[-1] == "lora_magnitude" else 0.1 * x
-  lm.variables = qnn.unflatten(flat)
-  return lm
 
 
 def _keys(folder) -> dict[str, tuple[int, ...]]:
@@ -80,9 +65,7 @@ def _assert_trees_equal(a, b):
 def test_fixture_import_gives_peft_logits():
   lm, adapter = interop.from_peft(LLAMA, FIXTURE)
   ref = np.load(FIXTURE / "reference.npz")
-  err = _rel_error(
-    lm.model.apply(lm.variables, ref["input_ids"]), ref["logits"]
-  )
+  err = rel_error(lm.model.apply(lm.variables, ref["input_ids"]), ref["logits"])
   print(f"PEFT fixture imported: max rel error {err:.2e}")
   assert err <= 1e-4
   down = lm.plan.lookup("model/layers_1/mlp/down_proj").lora
@@ -97,7 +80,7 @@ def test_fixture_import_into_scanned_layers_gives_the_same_logits():
   a = lm.variables[qnn.PARAMS]["model"]["layers"]["mlp"]["down_proj"]
   assert a["lora_a"].shape == (2, 160, 2)  # [layer, in, r]
   assert (
-    _rel_error(lm.model.apply(lm.variables, ref["input_ids"]), ref["logits"])
+    rel_error(lm.model.apply(lm.variables, ref["input_ids"]), ref["logits"])
     <= 1e-4
   )
 
@@ -116,7 +99,7 @@ def test_export_matches_the_fixture_peft_saved(tmp_path, scan):
 
 
 def test_round_trip_llama_with_patterns_is_the_identity(tmp_path):
-  lm = _randomize(models.from_pretrained(LLAMA, lora=FIXTURE_LORA))
+  lm = randomize(models.from_pretrained(LLAMA, lora=FIXTURE_LORA))
   lm_in, adapter = interop.from_peft(LLAMA, _write(lm, tmp_path))
   assert lm_in.plan == lm.plan
   _assert_trees_equal(
@@ -137,7 +120,7 @@ def test_round_trip_llama_with_patterns_is_the_identity(tmp_path):
 )
 def test_round_trip_is_the_identity(tmp_path, name, lora, scan):
   base = DATA / "hf" / name
-  lm = _randomize(models.from_pretrained(base, lora=lora, scan_layers=scan))
+  lm = randomize(models.from_pretrained(base, lora=lora, scan_layers=scan))
   _, _, config = _export(lm, tmp_path, scan=scan)
   lm_in, _ = interop.from_peft(base, tmp_path, scan_layers=scan)
   assert lm_in.plan == lm.plan
@@ -164,7 +147,7 @@ def test_round_trip_is_the_identity(tmp_path, name, lora, scan):
 def test_bert_classifier_is_saved_as_modules_to_save(tmp_path):
   bert = DATA / "hf" / "bert"
   kw = {"task": "classification", "num_labels": 3}
-  lm = _randomize(
+  lm = randomize(
     models.from_pretrained(
       bert, lora={"targets": "all-linear", "rank": 2}, **kw
     )
@@ -188,7 +171,7 @@ def test_bert_classifier_is_saved_as_modules_to_save(tmp_path):
 
 
 def test_trained_base_modules_go_to_modules_to_save(tmp_path):
-  lm = _randomize(models.from_pretrained(LLAMA, lora={"targets": ["q_proj"]}))
+  lm = randomize(models.from_pretrained(LLAMA, lora={"targets": ["q_proj"]}))
   patterns = ["model/norm/"]
   spec, trainable, config = _export(lm, tmp_path, patterns=patterns)
   assert config["modules_to_save"] == ["model.norm"]

@@ -153,12 +153,14 @@ def _setup(qt, dtype, target, tiles, interpret, kind, m):
   return target, spec
 
 
-def _gpu_scales(qt):
+def _gpu_operands(qt):
+  """Codes [n, k/2], absmax [n, k/bs] and the double-quantization
+  (absmax2, offset[1]) or None, as the Triton kernels read them."""
   n, k = qt.shape
+  codes = qt.codes.reshape(n, k // 2)
   absmax = qt.absmax.reshape(n, k // qt.block_size)
-  if not qt.double_quant:
-    return absmax, None
-  return absmax, (qt.absmax2, qt.offset.reshape(1))
+  dq = (qt.absmax2, qt.offset.reshape(1)) if qt.double_quant else None
+  return codes, absmax, dq
 
 
 def _tpu_operands(qt, spec: kernels.Spec):
@@ -197,8 +199,7 @@ def matmul(
   m = x.shape[0]
   target, spec = _setup(qt, dtype, target, tiles, interpret, "forward", m)
   if target == "gpu":
-    absmax, dq = _gpu_scales(qt)
-    codes = qt.codes.reshape(spec.n, spec.k // 2)
+    codes, absmax, dq = _gpu_operands(qt)
     y = kernels.gpu_forward(spec, x, codes, absmax, dq)
   else:
     codes, absmax = _tpu_operands(qt, spec)
@@ -225,8 +226,7 @@ def input_grad(
   m = g.shape[0]
   target, spec = _setup(qt, dtype, target, tiles, interpret, "input_grad", m)
   if target == "gpu":
-    absmax, dq = _gpu_scales(qt)
-    codes = qt.codes.reshape(spec.n, spec.k // 2)
+    codes, absmax, dq = _gpu_operands(qt)
     dx = kernels.gpu_input_grad(spec, g, codes, absmax, dq)
   else:
     codes, absmax = _tpu_operands(qt, spec)
