@@ -13,7 +13,8 @@ about 2 hours.
 
 from configs import default
 
-DATA_TYPES = ("nf2", "nf3", "nf4", "nf8", "int2", "int3", "int4", "int8")
+BITS = (2, 3, 4, 8)
+FAMILIES = ("nf", "int")
 RANKS = (4, 16)
 
 
@@ -44,17 +45,20 @@ def get_sweep():
     }
     for rank in RANKS
   ]
-  for data_type in DATA_TYPES:
-    for rank in RANKS:
-      for loftq in (False, True):
-        points.append(
-          {
-            "base": data_type,
-            "bits": int(data_type[-1]),
-            "quant.data_type": data_type,
-            **_adapter(rank, loftq),
-          }
-        )
+  # Fewest bits first: a sweep cut short still answers the question.
+  for bits in BITS:
+    for family in FAMILIES:
+      data_type = f"{family}{bits}"
+      for rank in RANKS:
+        for loftq in (False, True):
+          points.append(
+            {
+              "base": data_type,
+              "bits": bits,
+              "quant.data_type": data_type,
+              **_adapter(rank, loftq),
+            }
+          )
   return points
 
 
