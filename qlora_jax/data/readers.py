@@ -21,7 +21,7 @@ in `where`, so later stages (an unknown label at eval) can name it too.
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 TASKS = ("lm", "instruction", "classification")
@@ -119,6 +119,25 @@ def read_classification_jsonl(
     for where, obj in _jsonl_objects(path)
   ]
   return _non_empty(examples, path)
+
+
+def read_records(
+  path: str | os.PathLike, fields: Sequence[str]
+) -> list[tuple[str, dict]]:
+  """Reads JSONL objects for prediction: ("path:line", object) per line.
+
+  Each object needs one of `fields` (the first present is used), a string;
+  the first field may be empty only when it is "prompt".
+  """
+  records = []
+  for where, obj in _jsonl_objects(path):
+    name = next((f for f in fields if f in obj), None)
+    if name is None:
+      wanted = " or ".join(f'"{f}"' for f in fields)
+      raise ValueError(f"{where}: missing field {wanted}")
+    _text_field(obj, name, where, allow_empty=name == "prompt")
+    records.append((where, obj))
+  return _non_empty(records, path)
 
 
 def read_text_file(

@@ -1,0 +1,71 @@
+"""Predictions of a trained run on new inputs.
+
+python -m experiments.predict --workdir RUN --input FILE.jsonl --out OUT.jsonl
+python -m experiments.predict --workdir RUN --text "a sentence" --text ...
+
+A classification run reads `{"text": ...}` lines (with a `"label"`, the
+accuracy is printed) and writes each line with `predicted`, `probability`
+and `probabilities`; a language model reads `{"prompt": ...}` (or
+`{"text": ...}`) lines and writes each with its `completion` (greedy, or
+sampled with --temperature / --top_k / --top_p). The model is rebuilt from
+RUN/config.json with the latest checkpoint (or --step). Without --input,
+the --text values are predicted and printed.
+"""
+
+import json
+
+import jax
+from absl import app, flags, logging
+
+from qlora_jax import predict, tasks
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+_INPUT = flags.DEFINE_string("input", None, "JSONL file to predict.")
+_OUT = flags.DEFINE_string("out", None, "JSONL output (with --input).")
+_TEXT = flags.DEFINE_multi_string("text", [], "Texts or prompts to predict.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (latest).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Rows per batch.")
+_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Language models.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sampling: keep the k best.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sampling: nucleus mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  del argv
+  if bool(_INPUT.value) == bool(_TEXT.value):
+    raise app.UsageError("give either --input FILE.jsonl or --text")
+  if _INPUT.value and not _OUT.value:
+    raise app.UsageError("--input needs --out")
+  logging.info("devices: %s", jax.devices())
+  predictor = predict.load(_WORKDIR.value, _STEP.value)
+  kwargs = {}
+  if _BATCH.value:
+    kwargs["batch_size"] = _BATCH.value
+  if predictor.task == tasks.CAUSAL_LM:
+    kwargs |= dict(
+      max_new_tokens=_NEW.value,
+      temperature=_TEMPERATURE.value,
+      top_k=_TOP_K.value,
+      top_p=_TOP_P.value,
+      seed=_SEED.value,
+    )
+  if _INPUT.value:
+    summary = predict.predict_file(
+      predictor, _INPUT.value, _OUT.value, **kwargs
+    )
+    print(json.dumps(dict(summary, out=_OUT.value)))
+    return
+  if predictor.task == tasks.CLASSIFICATION:
+    results = predict.classify(predictor, _TEXT.value, **kwargs)
+  else:
+    completions = predict.complete(predictor, _TEXT.value, **kwargs)
+    results = [{"completion": c} for c in completions]
+  for text, result in zip(_TEXT.value, results, strict=True):
+    print(json.dumps({"text": text, **result}))
+
+
+if __name__ == "__main__":
+  app.run(main)

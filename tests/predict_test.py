@@ -1,0 +1,180 @@
+"""Predictions of trained runs (qlora_jax.predict, experiments.predict)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from qlora_jax import predict, train
+from qlora_jax.data.readers import read_records
+from tests import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WORDS = tiny_config.FIRST + tiny_config.SECOND
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+  """The tiny BERT classification run (nf4 + LoRA), 4 steps."""
+  data_dir = tmp_path_factory.mktemp("data")
+  tiny_config.write_dataset(data_dir, n_train=16, n_eval=11)
+  config = tiny_config.get_config(str(data_dir))
+  config.train.steps = 4
+  config.train.eval_every = 4
+  workdir = tmp_path_factory.mktemp("run")
+  final = train.train_and_evaluate(config, str(workdir))
+  return workdir, data_dir / "eval.jsonl", final
+
+
+@pytest.fixture(scope="module")
+def language_model(tmp_path_factory):
+  """The tiny Llama (nf4 + LoRA) tuned on prompt/completion pairs."""
+  data_dir = tmp_path_factory.mktemp("lm_data")
+  with (data_dir / "train.jsonl").open("w") as f:
+    for i in range(16):
+      text = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(4))
+      f.write(json.dumps({"prompt": text, "completion": " " + text}) + "\n")
+  (data_dir / "eval.jsonl").write_text(
+    (data_dir / "train.jsonl").read_text().split("\n", 4)[0] + "\n"
+  )
+  config = tiny_config.get_config(str(data_dir))
+  config.model.checkpoint = str(tiny_config.ROOT / "data/hf/llama_gqa")
+  config.model.task = "causal_lm"
+  config.data.instruction = True
+  config.data.max_length = 16
+  config.train.steps = 4
+  config.train.eval_every = 4
+  config.opt.learning_rate = 1e-2
+  workdir = tmp_path_factory.mktemp("lm_run")
+  train.train_and_evaluate(config, str(workdir))
+  return predict.load(workdir)
+
+
+def test_file_predictions_equal_the_runs_own_evaluation(classifier, tmp_path):
+  workdir, eval_file, final = classifier
+  predictor = predict.load(workdir)
+  out = tmp_path / "out.jsonl"
+  # 11 rows in batches of 4: the last batch is padded.
+  summary = predict.predict_file(predictor, eval_file, out, batch_size=4)
+  assert summary["rows"] == summary["labelled"] == 11
+  # The accuracy over the file is the run's final eval accuracy (exact:
+  # the same 11 right or wrong answers).
+  assert summary["accuracy"] == pytest.approx(final["accuracy"], abs=1e-12)
+  got = [json.loads(line) for line in out.read_text().splitlines()]
+  want = [
+    json.loads(line)
+    for line in (workdir / "predictions.jsonl").read_text().splitlines()
+  ]
+  assert [g["text"] for g in got] == [w["text"] for w in want]
+  assert [g["label"] for g in got] == [w["label"] for w in want]
+  assert [g["predicted"] for g in got] == [w["predicted"] for w in want]
+  # Same model, other batch shapes: float32 agreement to 1e-6.
+  np.testing.assert_allclose(
+    [g["probability"] for g in got],
+    [w["probability"] for w in want],
+    atol=1e-6,
+  )
+  for g in got:
+    probs = g["probabilities"]
+    assert sorted(probs) == ["first", "second"]
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
+    assert probs[g["predicted"]] == g["probability"]
+
+
+def test_classify_is_independent_of_batching(classifier):
+  predictor = predict.load(classifier[0])
+  texts = [" ".join(WORDS[i : i + 3 + i % 4]) for i in range(7)]
+  one = predict.classify(predictor, texts, batch_size=1)
+  many = predict.classify(predictor, texts, batch_size=5)
+  assert [a["predicted"] for a in one] == [b["predicted"] for b in many]
+  np.testing.assert_allclose(
+    [a["probability"] for a in one],
+    [b["probability"] for b in many],
+    atol=1e-6,
+  )
+
+
+def _reference_greedy(predictor, prompt: str, max_new_tokens: int) -> str:
+  """Greedy decoding by re-running the whole sequence each step (no KV
+  cache, no left padding): an independent path to the same tokens. Rows
+  are right-padded to one length (causal attention: the padding cannot
+  change the logits before it), so that the forward pass compiles once."""
+  tok = predictor.tokenizer
+  lm = predictor.run.lm
+  apply = jax.jit(lm.model.apply)
+  ids = predict.prompt_ids(tok, [prompt])[0]
+  width = len(ids) + max_new_tokens
+  new = []
+  for _ in range(max_new_tokens):
+    seq = ids + new
+    row = np.zeros((1, width), np.int32)
+    row[0, : len(seq)] = seq
+    segments = (np.arange(width) < len(seq)).astype(np.int32)[None]
+    logits = apply(lm.variables, row, segment_ids=segments)
+    token = int(np.argmax(np.asarray(logits)[0, len(seq) - 1]))
+    if token == tok.end_id:
+      break
+    new.append(token)
+  return tok.decode(new)
+
+
+def test_greedy_completions_match_full_recomputation(language_model):
+  prompts = ["the of and to", "have had", "in is was for on that"]
+  # One batch of left-padded prompts of three lengths.
+  got = predict.complete(language_model, prompts, max_new_tokens=6)
+  want = [_reference_greedy(language_model, p, 6) for p in prompts]
+  assert got == want
+  assert any(got)  # the tuned model says something
+
+
+def test_sampling_is_seeded(language_model):
+  kwargs = dict(max_new_tokens=5, temperature=1.0, top_k=20)
+  a = predict.complete(language_model, ["the of", "have"], seed=3, **kwargs)
+  b = predict.complete(language_model, ["the of", "have"], seed=3, **kwargs)
+  assert a == b
+
+
+def test_wrong_task_and_bad_lines_are_named(
+  classifier, language_model, tmp_path
+):
+  with pytest.raises(ValueError, match="causal_lm run"):
+    predict.complete(predict.load(classifier[0]), ["x"])
+  with pytest.raises(ValueError, match="classification run"):
+    predict.classify(language_model, ["x"])
+  bad = tmp_path / "in.jsonl"
+  bad.write_text('{"text": "fine"}\n\n{"label": "first"}\n')
+  with pytest.raises(ValueError, match=rf'{bad}:3: missing field "text"'):
+    read_records(bad, ("text",))
+  bad.write_text('{"prompt": 3}\n')
+  with pytest.raises(ValueError, match=rf'{bad}:1: field "prompt" must be a'):
+    read_records(bad, ("prompt", "text"))
+
+
+def test_command_line(classifier):
+  workdir = classifier[0]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.predict",
+    f"--workdir={workdir}",
+    "--text=the of and to in",
+    "--text=she her when they",
+  ]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(x) for x in proc.stdout.strip().splitlines()]
+  want = predict.classify(
+    predict.load(workdir), ["the of and to in", "she her when they"]
+  )
+  assert [x["predicted"] for x in lines] == [w["predicted"] for w in want]
+  np.testing.assert_allclose(
+    [x["probability"] for x in lines],
+    [w["probability"] for w in want],
+    atol=1e-6,
+  )
