@@ -156,7 +156,8 @@ def complete(
   """The completion of each prompt (greedy when temperature is 0).
 
   Prompts are left-padded to the longest one; a completion ends at the
-  tokenizer's end token (EOS, else SEP) or after `max_new_tokens`.
+  tokenizer's end token (EOS, else SEP; without either, the model's EOS)
+  or after `max_new_tokens`.
   """
   if predictor.task != tasks.CAUSAL_LM:
     raise ValueError(
@@ -174,7 +175,10 @@ def complete(
     ids[i, width - len(r) :] = r
     mask[i, width - len(r) :] = 1
   lm = predictor.run.lm
-  eos = tok.end_id if tok.end_id is not None else None
+  if tok.end_id is not None:
+    eos = [tok.end_id]
+  else:
+    eos = list(getattr(lm.config, "eos_token_ids", ()))
   rng = jax.random.key(seed)
   size = min(batch_size, len(rows))
   completions = []
@@ -186,7 +190,7 @@ def complete(
       _pad_rows(ids[start:stop], size),
       _pad_rows(mask[start:stop], size),
       max_new_tokens=max_new_tokens,
-      eos_token_id=eos,
+      eos_token_id=eos or None,
       pad_token_id=tok.pad_id,
       temperature=temperature,
       top_k=top_k,
@@ -198,11 +202,9 @@ def complete(
   return completions
 
 
-def _until_end(row: np.ndarray, eos: int | None) -> np.ndarray:
+def _until_end(row: np.ndarray, eos: Sequence[int]) -> np.ndarray:
   """The generated tokens before the first end token."""
-  if eos is None:
-    return row
-  ends = np.flatnonzero(row == eos)
+  ends = np.flatnonzero(np.isin(row, eos))
   return row[: ends[0]] if len(ends) else row
 
 
