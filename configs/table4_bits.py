@@ -74,7 +74,8 @@ def get_table():
         "file": "accuracy_vs_bits.png",
         "x": "bits",
         "y": "accuracy",
-        "series": "adapter",
+        "series": ["base", "adapter"],
+        "series_patterns": {"base": "^[a-z]+"},
         "logx": True,
       }
     ],

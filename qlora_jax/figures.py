@@ -4,12 +4,16 @@ Figure specs in a sweep's table.json:
   {"kind": "curves", "file": ..., "metric": "loss"}: eval curves per row
     (mean over seeds) from each point's metrics.jsonl;
   {"kind": "xy", "file": ..., "x": key or metric, "y": metric,
-   "series": key, "logx": bool, "logy": bool}: y against x (a config key
-    such as "lora.rank" or a metric such as "bits_per_param"), one line
-    per value of `series`, mean +- std over seeds as error bars.
+   "series": key or [keys], "series_patterns": {key: regex}, "logx": bool,
+   "logy": bool}: y against x (a config key such as "lora.rank" or a
+    metric such as "bits_per_param"), one line per value of `series` (the
+    values of several keys joined; a key's pattern keeps only the part of
+    its value the regex matches first, e.g. "^[a-z]+" makes "nf3" "nf"),
+    mean +- std over seeds as error bars.
 """
 
 import pathlib
+import re
 
 import matplotlib
 
@@ -57,22 +61,43 @@ def _value(group: dict, run: dict, key: str):
   return run["metrics"].get(key)
 
 
-def xy(spec: dict, fig_spec: dict, points: list[dict], path) -> None:
+def _series_name(group: dict, keys: list[str], patterns: dict) -> str:
+  parts = []
+  for key in keys:
+    shown = tables._show(group["keys"].get(key, ""))
+    match = re.search(patterns[key], shown) if key in patterns else None
+    parts.append(match.group(0) if match else shown)
+  return " ".join(parts)
+
+
+def _series_keys(fig_spec: dict) -> list[str]:
+  series = fig_spec.get("series") or []
+  return [series] if isinstance(series, str) else list(series)
+
+
+def xy_lines(spec: dict, fig_spec: dict, points: list[dict]) -> dict:
+  """{series name: sorted [(x, mean y, std y)]} of an "xy" figure."""
   x_key, y_key = fig_spec["x"], fig_spec["y"]
-  series_key = fig_spec.get("series")
-  groups = tables.group_points(points, list(spec["rows"]))
+  series_keys = _series_keys(fig_spec)
+  patterns = fig_spec.get("series_patterns", {})
   lines: dict[str, list] = {}
-  for g in groups:
-    name = tables._show(g["keys"].get(series_key, "")) if series_key else ""
+  for g in tables.group_points(points, list(spec["rows"])):
+    name = _series_name(g, series_keys, patterns)
     xs = [_value(g, r, x_key) for r in g["runs"]]
     ys = [r["metrics"].get(y_key) for r in g["runs"]]
     if any(v is None for v in xs + ys):
       continue
     mean, std, _ = tables.stats(ys)
     lines.setdefault(name, []).append((float(np.mean(xs)), mean, std))
+  return {name: sorted(pts) for name, pts in lines.items()}
+
+
+def xy(spec: dict, fig_spec: dict, points: list[dict], path) -> None:
+  x_key, y_key = fig_spec["x"], fig_spec["y"]
+  series_keys = _series_keys(fig_spec)
+  lines = xy_lines(spec, fig_spec, points)
   fig, ax = plt.subplots(figsize=(6, 4.2))
   for name, pts in lines.items():
-    pts.sort()
     x, y, e = (np.array(v) for v in zip(*pts, strict=True))
     ax.errorbar(x, y, yerr=e, marker="o", markersize=4, capsize=3, label=name)
   if fig_spec.get("logx"):
@@ -82,8 +107,9 @@ def xy(spec: dict, fig_spec: dict, points: list[dict], path) -> None:
   ax.set_xlabel(x_key.split(".")[-1])
   ax.set_ylabel(y_key)
   ax.set_title(spec["title"], fontsize=9)
-  if series_key:
-    ax.legend(title=series_key.split(".")[-1], fontsize=7)
+  if series_keys:
+    title = " / ".join(k.split(".")[-1] for k in series_keys)
+    ax.legend(title=title, fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100, metadata=_META)
   plt.close(fig)

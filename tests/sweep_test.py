@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from configs import default, table2_finetune, table3_rank, table4_bits
-from qlora_jax import sweep, tables
+from qlora_jax import figures, sweep, tables
 from qlora_jax.metrics import read_metrics
 from tests import tiny_config
 
@@ -102,3 +102,45 @@ def test_overrides_keep_types_but_targets_take_lists():
     for point in module.get_sweep():
       overrides = {k: v for k, v in point.items() if "." in k}
       sweep.apply_overrides(module.get_config(), overrides)
+
+
+def test_xy_figure_lines_join_series_keys_and_average_seeds(tmp_path):
+  def point(base, adapter, seed, accuracy):
+    keys = {"base": base, "bits": int(base[-1]), "adapter": adapter}
+    keys[tables.SEED_KEY] = seed
+    return {"keys": keys, "metrics": {"accuracy": accuracy}}
+
+  points = [
+    point("nf2", "r=4", 0, 0.6),
+    point("nf2", "r=4", 1, 0.8),
+    point("nf3", "r=4", 0, 0.75),
+    point("int2", "r=4", 0, 0.5),
+    point("nf2", "r=16", 0, 0.9),
+  ]
+  spec = {"title": "t", "rows": ["base"]}
+  fig = {
+    "kind": "xy",
+    "file": "a.png",
+    "x": "bits",
+    "y": "accuracy",
+    "series": ["base", "adapter"],
+    "series_patterns": {"base": "^[a-z]+"},
+  }
+  lines = figures.xy_lines(spec, fig, points)
+  # One line per (family, adapter); x sorted; mean and sample std of the
+  # two seeds at nf2 r=4: 0.7 +- 0.1 * sqrt(2).
+  assert sorted(lines) == ["int r=4", "nf r=16", "nf r=4"]
+  (x0, m0, s0), (x1, m1, s1) = lines["nf r=4"]
+  assert (x0, x1) == (2.0, 3.0)
+  assert m0 == pytest.approx(0.7, abs=1e-12) and m1 == 0.75
+  assert s0 == pytest.approx(0.1 * 2**0.5, abs=1e-12) and s1 == 0.0
+  assert lines["int r=4"] == [(2.0, 0.5, 0.0)]
+  # A single key as a string still works.
+  assert sorted(
+    figures.xy_lines(spec, dict(fig, series="adapter"), points)
+  ) == [
+    "r=16",
+    "r=4",
+  ]
+  figures.xy(spec, fig, points, tmp_path / "a.png")
+  assert (tmp_path / "a.png").stat().st_size > 0
