@@ -10,6 +10,7 @@ size, the last one padded, so that a file of any length compiles once.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -85,6 +86,13 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([x, np.repeat(x[:1], rows - len(x), axis=0)])
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _probabilities(model, variables, batch):
+  """Class probabilities of a batch (compiled once per model and shape)."""
+  out = tasks.logits(model, variables, batch, deterministic=True)
+  return jax.nn.softmax(out, axis=-1)
+
+
 def classify(
   predictor: Predictor, texts: Sequence[str], batch_size: int = 32
 ) -> list[dict[str, Any]]:
@@ -106,18 +114,15 @@ def classify(
   )
   del batch["labels"]
   lm = predictor.run.lm
-  probs_fn = jax.jit(
-    lambda variables, b: jax.nn.softmax(
-      tasks.logits(lm.model, variables, b, deterministic=True), axis=-1
-    )
-  )
   size = min(batch_size, len(ids))
   out = []
   for start, stop in _batches(len(ids), size):
     b = {
       k: jnp.asarray(_pad_rows(v[start:stop], size)) for k, v in batch.items()
     }
-    out.append(np.asarray(probs_fn(lm.variables, b))[: stop - start])
+    out.append(
+      np.asarray(_probabilities(lm.model, lm.variables, b))[: stop - start]
+    )
   probs = np.concatenate(out)
   names = predictor.label_names
   return [
