@@ -175,9 +175,14 @@ def quantize_blocks(x: jnp.ndarray, dt: DataType, block_size: int):
 def dequantize_blocks(
   codes: jnp.ndarray, absmax: jnp.ndarray, dt: DataType, block_size: int
 ) -> jnp.ndarray:
-  """Codes and per-block absmax -> flat float32 values (table * absmax)."""
+  """Codes and per-block absmax -> flat float32 values (table * absmax).
+
+  The codes index the table without bounds handling: every k-bit code is
+  in range by construction, and the clamp cost XLA's CPU loop ~3%.
+  """
   n = codes.shape[0]
-  values = jnp.asarray(dt.values)[_blocks(codes, block_size)]
+  table = jnp.asarray(dt.values)
+  values = table.at[_blocks(codes, block_size)].get(mode="promise_in_bounds")
   return (values * absmax[:, None]).reshape(-1)[:n]
 
 
