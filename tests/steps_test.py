@@ -88,6 +88,27 @@ def test_dropout_is_keyed_by_the_step():
   assert float(m1["loss"]) != float(m2["loss"])  # next step, new masks
 
 
+@pytest.mark.parametrize(
+  "n, most, chunk, chunks",
+  [
+    (512, 131, 128, 4),  # 131 would pad 12 tokens
+    (512, 262, 256, 2),
+    (500, 131, 128, 4),  # an even 125, rounded up to 8s
+    (36, 7, 6, 6),  # 6 or fewer tokens per chunk: not rounded
+    (5, 5, 5, 1),
+    (1000, 1000, 1000, 1),
+  ],
+)
+def test_lm_chunks_split_evenly(n, most, chunk, chunks):
+  """The fewest chunks of at most `most` tokens, split evenly and rounded
+  up to a multiple of 8 tokens where that stays within `most`: exact."""
+  from qlora_jax import tasks
+
+  assert tasks.lm_chunks(n, most) == (chunk, chunks)
+  assert chunk <= most and chunks * chunk >= n
+  assert chunks == -(-n // most)
+
+
 @pytest.mark.parametrize("head", ["frozen", "trained"])
 def test_chunked_lm_loss_equals_the_full_logits_loss(monkeypatch, head):
   """Both chunked paths (rematerialised, and fused: the gradients taken per
@@ -101,8 +122,10 @@ def test_chunked_lm_loss_equals_the_full_logits_loss(monkeypatch, head):
   if head == "trained":
     trainable, frozen = qnn.split_trainable(lm.variables, ["lm_head"])
     assert any("lm_head" in "/".join(k) for k in qnn.flatten(trainable))
-  # 96 vocab x 7 tokens per chunk: 36 tokens in 6 chunks, the last padded.
-  monkeypatch.setattr(tasks, "LM_CHUNK_ELEMENTS", 96 * 7)
+  # 96 vocab x 16 tokens per chunk: 36 tokens in 3 chunks of 16 (an even
+  # split, 12, rounded up to 8s), the last padded.
+  monkeypatch.setattr(tasks, "LM_CHUNK_ELEMENTS", 96 * 16)
+  assert tasks.lm_chunks(36, 16) == (16, 3)
 
   def chunked(t):
     v = qnn.merge_trees(t, frozen)
