@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from qlora_jax import build, interop, models, train
+from qlora_jax import build, interop, models
 from qlora_jax import nn as qnn
 from qlora_jax.interop import runs
 from tests import tiny_config
@@ -23,14 +23,7 @@ IDS = np.array([[2, 17, 14, 42, 8, 3], [2, 5, 6, 7, 3, 0]])
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """The tiny BERT classification run (nf4 + LoRA), 2 steps."""
-  data_dir = tmp_path_factory.mktemp("data")
-  tiny_config.write_dataset(data_dir, n_train=16, n_eval=8)
-  config = tiny_config.get_config(str(data_dir))
-  config.train.steps = 2
-  config.train.eval_every = 2
-  workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(config, str(workdir))
-  return workdir
+  return tiny_config.train_classifier(tmp_path_factory, steps=2, n_eval=8)[0]
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ WORDS = tiny_config.FIRST + tiny_config.SECOND
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
   """The tiny BERT classification run (nf4 + LoRA), 4 steps."""
-  data_dir = tmp_path_factory.mktemp("data")
-  tiny_config.write_dataset(data_dir, n_train=16, n_eval=11)
-  config = tiny_config.get_config(str(data_dir))
-  config.train.steps = 4
-  config.train.eval_every = 4
-  workdir = tmp_path_factory.mktemp("run")
-  final = train.train_and_evaluate(config, str(workdir))
-  return workdir, data_dir / "eval.jsonl", final
+  return tiny_config.train_classifier(tmp_path_factory, steps=4, n_eval=11)
 
 
 @pytest.fixture(scope="module")

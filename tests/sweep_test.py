@@ -118,14 +118,8 @@ def test_xy_figure_lines_join_series_keys_and_average_seeds(tmp_path):
     point("nf2", "r=16", 0, 0.9),
   ]
   spec = {"title": "t", "rows": ["base"]}
-  fig = {
-    "kind": "xy",
-    "file": "a.png",
-    "x": "bits",
-    "y": "accuracy",
-    "series": ["base", "adapter"],
-    "series_patterns": {"base": "^[a-z]+"},
-  }
+  # Table 4's own figure: one line per data-type family and adapter.
+  (fig,) = table4_bits.get_table()["figures"]
   lines = figures.xy_lines(spec, fig, points)
   # One line per (family, adapter); x sorted; mean and sample std of the
   # two seeds at nf2 r=4: 0.7 +- 0.1 * sqrt(2).
@@ -142,5 +136,5 @@ def test_xy_figure_lines_join_series_keys_and_average_seeds(tmp_path):
     "r=16",
     "r=4",
   ]
-  figures.xy(spec, fig, points, tmp_path / "a.png")
-  assert (tmp_path / "a.png").stat().st_size > 0
+  figures.xy(spec, fig, points, tmp_path / fig["file"])
+  assert (tmp_path / fig["file"]).stat().st_size > 0

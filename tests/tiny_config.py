@@ -47,3 +47,18 @@ def get_config(data_dir: str = ""):
   c.train.show_predictions = 2
   c.opt.learning_rate = 3e-3
   return c
+
+
+def train_classifier(tmp_path_factory, steps: int, n_eval: int):
+  """Trains the tiny BERT classifier (nf4 + LoRA) for `steps` steps on 16
+  training texts; returns (workdir, eval file, final eval metrics)."""
+  from qlora_jax import train  # noqa: PLC0415
+
+  data_dir = tmp_path_factory.mktemp("data")
+  write_dataset(data_dir, n_train=16, n_eval=n_eval)
+  config = get_config(str(data_dir))
+  config.train.steps = steps
+  config.train.eval_every = steps
+  workdir = tmp_path_factory.mktemp("run")
+  final = train.train_and_evaluate(config, str(workdir))
+  return workdir, data_dir / "eval.jsonl", final

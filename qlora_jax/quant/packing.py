@@ -53,7 +53,7 @@ def _shift(x: jnp.ndarray, s: int) -> jnp.ndarray:
   return x >> s if s > 0 else x << -s
 
 
-def _code_shifts(bits: int) -> jnp.ndarray:
+def _code_shifts(bits: int) -> np.ndarray:
   per_word, _ = _word_shape(bits)
   return bits * np.arange(per_word - 1, -1, -1)
 
