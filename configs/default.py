@@ -53,7 +53,8 @@ def get_config() -> config_dict.ConfigDict:
   c.lora.dora = False
 
   c.data = config_dict.ConfigDict()
-  c.data.source = "stdlib_docstrings"  # | jsonl | text | synthetic
+  # stdlib_docstrings | stdlib_questions | jsonl | text | synthetic
+  c.data.source = "stdlib_docstrings"
   c.data.train_path = ""  # JSONL (or .txt for language modelling)
   c.data.eval_path = ""
   c.data.max_length = 64  # tokens per row
@@ -62,6 +63,14 @@ def get_config() -> config_dict.ConfigDict:
   c.data.text_split = "paragraph"  # .txt: one document per paragraph | line
   c.data.synthetic_examples = 256  # rows of random tokens (benchmarks)
   c.data.synthetic_eval_examples = 32
+  # Instruction data of a causal LM: answer this many eval prompts by
+  # greedy generation at each evaluation (accuracy: the answer equals the
+  # completion); 0 turns it off.
+  c.data.eval_generate = 0
+  c.data.max_new_tokens = 16  # tokens per generated eval answer
+  # data.source "stdlib_questions": the docstring task asked of a decoder.
+  c.data.questions_per_class = 170  # training rows per package (at most 170)
+  c.data.eval_questions_per_class = 45  # eval rows per package (at most 45)
 
   c.opt = config_dict.ConfigDict()
   c.opt.learning_rate = 1e-3

@@ -14,25 +14,17 @@ model and task (see the README).
 """
 
 from configs import default
+from qlora_jax.engine.modes import overrides
 
-QUANT_NONE = {"quant.data_type": "none"}
 METHODS = {
-  "Full fine-tune": {
-    "train.mode": "full",
-    "quant.data_type": "none",
-    "lora.enabled": False,
-    "opt.learning_rate": 1e-4,
-  },
-  "LoRA f32": QUANT_NONE,
-  "LoRA bf16": {
-    **QUANT_NONE,
-    "model.dtype": "bfloat16",
-    "model.base_dtype": "bfloat16",
-  },
+  "Full fine-tune": overrides("full", {"opt.learning_rate": 1e-4}),
+  "LoRA f32": overrides("lora_f32"),
+  # Computes in bfloat16 too (the modes' LoRA bf16 stores the base only).
+  "LoRA bf16": overrides("lora_bf16", {"model.dtype": "bfloat16"}),
   "QLoRA Int8": {"quant.data_type": "int8", "quant.double_quant": False},
   "QLoRA FP4": {"quant.data_type": "fp4", "quant.double_quant": False},
   "QLoRA NF4": {"quant.data_type": "nf4", "quant.double_quant": False},
-  "QLoRA NF4+DQ": {"quant.data_type": "nf4", "quant.double_quant": True},
+  "QLoRA NF4+DQ": overrides("qlora_nf4_dq"),
 }
 SEEDS = (0, 1, 2)
 

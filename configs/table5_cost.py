@@ -14,19 +14,13 @@ same measurement comes from any run's final_metrics.json.
 """
 
 from configs import default
+from qlora_jax.engine.modes import overrides
 
 METHODS = {
-  "Full fine-tune f32": {
-    "train.mode": "full",
-    "quant.data_type": "none",
-    "lora.enabled": False,
-  },
-  "LoRA f32 base": {"quant.data_type": "none"},
-  "LoRA bf16 base": {
-    "quant.data_type": "none",
-    "model.base_dtype": "bfloat16",
-  },
-  "QLoRA NF4+DQ": {"quant.data_type": "nf4", "quant.double_quant": True},
+  "Full fine-tune f32": overrides("full"),
+  "LoRA f32 base": overrides("lora_f32"),
+  "LoRA bf16 base": overrides("lora_bf16"),
+  "QLoRA NF4+DQ": overrides("qlora_nf4_dq"),
 }
 
 

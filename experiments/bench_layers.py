@@ -1,25 +1,25 @@
-"""Compiled memory and step time of a train step over a stack of layers.
+"""Compiled memory and step time of the engine's train step over a stack of
+linear layers.
 
 python -m experiments.bench_layers [--layers 8 --dim 4096 --rank 16]
 
-One train step (forward, backward, AdamW on the trainable tree) over a stack
-of `layers` linear layers of dim x dim, for: full fine-tune f32, LoRA over a
-frozen f32 base, LoRA over a frozen bf16 base, QLoRA nf4 + double quant.
-Reports XLA's compiled memory (arguments + temporaries + outputs - aliased),
-trainable parameters and the median step time, at 1x128 and 4x512 tokens,
-and the QLoRA ratios against the better LoRA baseline. Last line: JSON.
+The engine's own train step (`qlora_jax.engine.steps`: forward, backward,
+AdamW on the trainable tree) over a stack of `layers` linear layers of dim
+x dim (`qlora_jax.bench.layers`), for each training mode of
+`qlora_jax.engine.modes`: full fine-tune f32, LoRA over a frozen f32 base,
+LoRA over a frozen bf16 base, QLoRA nf4 + double quant. Reports XLA's
+compiled memory (arguments + temporaries + outputs - aliased), trainable
+parameters and the median step time, at 1x128 and 4x512 tokens, and the
+QLoRA ratios against the better LoRA baseline. Last line: JSON.
 """
 
 import json
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import optax
-from absl import app, flags, logging
+from absl import app, flags
 
-from qlora_jax import nn as qnn
-from qlora_jax import profiling
+from qlora_jax.bench import layers
+from qlora_jax.engine import console
+from qlora_jax.engine.modes import MODES
 
 _LAYERS = flags.DEFINE_integer("layers", 8, "Layers in the stack.")
 _DIM = flags.DEFINE_integer("dim", 4096, "Width of every layer.")
@@ -28,127 +28,24 @@ _SCAN = flags.DEFINE_bool("scan", True, "nn.scan over the layers.")
 _TOKENS = flags.DEFINE_list("tokens", ["1x128", "4x512"], "Batch shapes.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per variant.")
 
-VARIANTS = {
-  # name: (lora, quant, base dtype, train the base)
-  "full_f32": (None, None, jnp.float32, True),
-  "lora_f32": ({"rank": None}, None, jnp.float32, False),
-  "lora_bf16": ({"rank": None}, None, jnp.bfloat16, False),
-  "qlora_nf4_dq": (
-    {"rank": None},
-    {"data_type": "nf4", "block_size": 64, "double_quant": True},
-    jnp.float32,
-    False,
-  ),
-}
-
-
-class Block(nn.Module):
-  dim: int
-  plan: qnn.Plan
-  base_dtype: jnp.dtype
-
-  @nn.compact
-  def __call__(self, x, _=None):
-    y = qnn.QLoRADense(
-      self.dim,
-      plan=self.plan,
-      dtype=jnp.float32,
-      base_dtype=self.base_dtype,
-      name="dense",
-    )(x)
-    return jax.nn.gelu(y), None
-
-
-class LayerStack(nn.Module):
-  dim: int
-  layers: int
-  plan: qnn.Plan = qnn.Plan()
-  base_dtype: jnp.dtype = jnp.float32
-  scan: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    if self.scan:
-      stack = nn.scan(
-        Block,
-        variable_axes={qnn.BASE: 0, qnn.PARAMS: 0},
-        split_rngs={"params": True},
-        length=self.layers,
-      )
-      x, _ = stack(self.dim, self.plan, self.base_dtype, name="layers")(x)
-      return x
-    for i in range(self.layers):
-      x, _ = Block(self.dim, self.plan, self.base_dtype, name=f"layers_{i}")(x)
-    return x
-
-
-def _linear_paths(scan: bool, layers: int) -> list[str]:
-  if scan:
-    return ["layers/dense"]
-  return [f"layers_{i}/dense" for i in range(layers)]
-
-
-def _train_step(model, opt):
-  def step(trainable, opt_state, frozen, x):
-    def loss_fn(t):
-      y = model.apply(qnn.merge_trees(t, frozen), x)
-      return jnp.mean(jnp.square(y))
-
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
-    updates, opt_state = opt.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
-def run_variant(name: str, batch: int, seq: int) -> dict:
-  lora, quant_cfg, base_dtype, train_base = VARIANTS[name]
-  if lora is not None:
-    lora = {"rank": _RANK.value, "alpha": 2.0 * _RANK.value}
-  paths = _linear_paths(_SCAN.value, _LAYERS.value)
-  plan = qnn.make_plan(paths, lora, quant_cfg)
-  model = LayerStack(_DIM.value, _LAYERS.value, plan, base_dtype, _SCAN.value)
-  x = jax.random.normal(jax.random.key(1), (batch * seq, _DIM.value))
-  variables = jax.jit(model.init)(jax.random.key(0), x)
-  trainable, frozen = qnn.split_trainable(
-    variables, train_patterns=[".*"] if train_base else []
-  )
-  opt = optax.adamw(1e-4)
-  opt_state = opt.init(trainable)
-  step = _train_step(model, opt)
-  compiled = step.lower(trainable, opt_state, frozen, x).compile()
-  memory = profiling.compiled_memory(compiled)
-  state = {"t": trainable, "o": opt_state}
-
-  def one():
-    state["t"], state["o"], loss = compiled(state["t"], state["o"], frozen, x)
-    return loss
-
-  seconds = profiling.median_seconds(one, warmup=1, repeats=_REPEATS.value)
-  n_train = qnn.num_params(trainable)
-  # What QLoRA must hold at least: packed base, adapters, their gradients
-  # and two Adam moments, the input and one activation per layer.
-  activations = (_LAYERS.value + 1) * x.size * 4
-  ideal = qnn.num_bytes(frozen) + 4 * n_train * 4 + activations
-  return {
-    "variant": name,
-    "tokens": f"{batch}x{seq}",
-    "memory_mib": memory["total"] / 2**20,
-    "temp_mib": memory["temporaries"] / 2**20,
-    "trainable": n_train,
-    "step_s": seconds,
-    "ideal_mib": ideal / 2**20,
-  }
-
 
 def main(argv):
   del argv
-  logging.info("devices: %s", jax.devices())
+  console.configure_logging()
   results = []
   for shape in _TOKENS.value:
     batch, seq = (int(v) for v in shape.split("x"))
-    for name in VARIANTS:
-      r = run_variant(name, batch, seq)
+    for name in MODES:
+      r = layers.run_variant(
+        name,
+        batch,
+        seq,
+        layers=_LAYERS.value,
+        dim=_DIM.value,
+        rank=_RANK.value,
+        scan=_SCAN.value,
+        repeats=_REPEATS.value,
+      )
       results.append(r)
       print(
         f"{r['tokens']:>6} {name:<13} memory {r['memory_mib']:8.1f} MiB "

@@ -18,10 +18,11 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from qlora_jax import quant
-from qlora_jax.quant import bench
+from qlora_jax.bench import quant as bench
+from qlora_jax.engine import console
 
 _SIZE = flags.DEFINE_integer("size", 4096, "Rows and columns of the weight.")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "Quantization block size.")
@@ -69,7 +70,7 @@ def _bitsandbytes(x: np.ndarray, block_size: int):
 
 def main(argv):
   del argv
-  logging.info("devices: %s", jax.devices())
+  console.configure_logging()
   n = _SIZE.value
   x_np = np.random.default_rng(0).standard_normal((n, n), np.float32)
   x = jax.numpy.asarray(x_np)

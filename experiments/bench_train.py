@@ -20,11 +20,13 @@ import tempfile
 
 from absl import app, flags
 
-from qlora_jax import benchmark
+from qlora_jax.bench import train as bench_train
+from qlora_jax.engine import console
+from qlora_jax.engine.modes import MODES
 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per run.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
-_MODES = flags.DEFINE_list("modes", list(benchmark.MODES), "Modes to run.")
+_MODES = flags.DEFINE_list("modes", list(MODES), "Modes to run.")
 _PEERS = flags.DEFINE_enum("peers", "auto", ["auto", "on", "off"], "PEFT.")
 _REMAT = flags.DEFINE_bool(
   "remat",
@@ -43,7 +45,7 @@ def _worker(spec: str) -> None:
   impl, mode, checkpoint = spec.split(":", 2)
   kwargs = {"steps_timed": _STEPS.value, "warmup": _WARMUP.value}
   if impl == "ours":
-    result = benchmark.train_throughput(
+    result = bench_train.train_throughput(
       mode, checkpoint, remat=_REMAT.value, scan_layers=_SCAN.value, **kwargs
     )
   else:
@@ -81,13 +83,14 @@ def _peers_available() -> bool:
 
 def main(argv):
   del argv
+  console.configure_logging()
   if _WORKER.value:
     _worker(_WORKER.value)
     return
   peers = _peers_available()
   results: dict[str, dict] = {}
   with tempfile.TemporaryDirectory() as tmp:
-    benchmark.write_random_llama(tmp, benchmark.llama_config())
+    bench_train.write_random_llama(tmp, bench_train.llama_config())
     for mode in _MODES.value:
       impls = ["ours", "peft"] if peers else ["ours"]
       for impl in impls:

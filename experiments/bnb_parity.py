@@ -12,6 +12,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from qlora_jax.engine import console
 from qlora_jax.quant import parity
 
 _REF = flags.DEFINE_string("ref", None, "npz file of bitsandbytes vectors.")
@@ -20,6 +21,7 @@ flags.mark_flag_as_required("ref")
 
 def main(argv):
   del argv
+  console.configure_logging()
   with np.load(_REF.value) as ref:
     report = parity.run(ref)
   for case in report.cases:
@@ -30,6 +32,8 @@ def main(argv):
     f"identical 8-bit absmax codes: {report.q8_share:.2%} of {total} "
     f"(need {parity.DQ_MIN_CODE_MATCH:.0%})"
   )
+  if not report.cases:
+    print(f"bnb parity: {_REF.value} holds no case to check (no '*/meta' keys)")
   print(f"bnb parity: {report.num_ok}/{len(report.cases)} cases match")
   sys.exit(0 if report.ok else 1)
 

@@ -8,14 +8,15 @@ adapter_model.safetensors) over the run's base checkpoint. With --merged:
 a Hugging Face folder with the adapters folded into the dequantized base
 (transformers loads it); --requantize stores the merged quantized layers as
 codes and scales that `qlora_jax.models.from_pretrained` reads back.
-The base is rebuilt from RUN/config.json and the trainable tree restored
-from the latest checkpoint (or --step).
+A non-empty --out is refused unless --overwrite (which removes the files
+of the previous export); the run's workdir and the base checkpoint's folder
+are never written. The base is rebuilt from RUN/config.json and the
+trainable tree restored from the latest checkpoint (or --step).
 """
 
-import jax
-from absl import app, flags, logging
+from absl import app, flags
 
-from qlora_jax.interop import runs
+from qlora_jax.engine import console, runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _OUT = flags.DEFINE_string("out", None, "Folder to write.")
@@ -27,21 +28,31 @@ _REQUANTIZE = flags.DEFINE_bool(
   "requantize", False, "Merged: quantize the merged layers again."
 )
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (latest).")
+_OVERWRITE = flags.DEFINE_bool(
+  "overwrite", False, "Replace a previous export in --out."
+)
 flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
   del argv
-  logging.info("devices: %s", jax.devices())
+  console.configure_logging()
   if _MERGED.value:
     runs.export_merged(
-      _WORKDIR.value, _OUT.value, _DTYPE.value, _REQUANTIZE.value, _STEP.value
+      _WORKDIR.value,
+      _OUT.value,
+      _DTYPE.value,
+      _REQUANTIZE.value,
+      _STEP.value,
+      overwrite=_OVERWRITE.value,
     )
   else:
     if _REQUANTIZE.value:
       raise app.UsageError("--requantize needs --merged")
-    runs.export_adapter(_WORKDIR.value, _OUT.value, _STEP.value)
-  logging.info("wrote %s", _OUT.value)
+    runs.export_adapter(
+      _WORKDIR.value, _OUT.value, _STEP.value, overwrite=_OVERWRITE.value
+    )
+  print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ GPT-2) write logits [batch, seq, vocab]; BERT writes the last hidden state
 quantization unless --quant names a data type.
 """
 
-import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
+from qlora_jax.engine import console
 from qlora_jax.models import checkpoint_outputs
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -33,7 +33,7 @@ flags.mark_flags_as_required(["checkpoint", "input_ids", "out"])
 
 def main(argv):
   del argv
-  logging.info("devices: %s", jax.devices())
+  console.configure_logging()
   outputs = checkpoint_outputs(
     _CHECKPOINT.value,
     np.load(_INPUT_IDS.value),
@@ -42,7 +42,7 @@ def main(argv):
     double_quant=_DOUBLE_QUANT.value,
   )
   np.save(_OUT.value, outputs)
-  logging.info("wrote %s %s to %s", outputs.dtype, outputs.shape, _OUT.value)
+  print(f"wrote {outputs.dtype} {outputs.shape} to {_OUT.value}")
 
 
 if __name__ == "__main__":

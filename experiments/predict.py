@@ -2,6 +2,7 @@
 
 python -m experiments.predict --workdir RUN --input FILE.jsonl --out OUT.jsonl
 python -m experiments.predict --workdir RUN --text "a sentence" --text ...
+python -m experiments.predict --workdir RUN --chat      # a language model
 
 A classification run reads `{"text": ...}` lines (with a `"label"`, the
 accuracy is printed) and writes each line with `predicted`, `probability`
@@ -14,10 +15,10 @@ the --text values are predicted and printed.
 
 import json
 
-import jax
-from absl import app, flags, logging
+from absl import app, flags
 
-from qlora_jax import predict, tasks
+from qlora_jax.engine import console, predict
+from qlora_jax.engine.settings import CAUSAL_LM, CLASSIFICATION
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _INPUT = flags.DEFINE_string("input", None, "JSONL file to predict.")
@@ -30,21 +31,27 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sampling: keep the k best.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sampling: nucleus mass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_CHAT = flags.DEFINE_bool(
+  "chat", False, "Chat in the terminal: a line in, a streamed answer out."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   del argv
+  if _CHAT.value:
+    _chat()
+    return
   if bool(_INPUT.value) == bool(_TEXT.value):
-    raise app.UsageError("give either --input FILE.jsonl or --text")
+    raise app.UsageError("give either --input FILE.jsonl, --text or --chat")
   if _INPUT.value and not _OUT.value:
     raise app.UsageError("--input needs --out")
-  logging.info("devices: %s", jax.devices())
+  console.configure_logging()
   predictor = predict.load(_WORKDIR.value, _STEP.value)
   kwargs = {}
   if _BATCH.value:
     kwargs["batch_size"] = _BATCH.value
-  if predictor.task == tasks.CAUSAL_LM:
+  if predictor.task == CAUSAL_LM:
     kwargs |= dict(
       max_new_tokens=_NEW.value,
       temperature=_TEMPERATURE.value,
@@ -58,13 +65,44 @@ def main(argv):
     )
     print(json.dumps(dict(summary, out=_OUT.value)))
     return
-  if predictor.task == tasks.CLASSIFICATION:
+  if predictor.task == CLASSIFICATION:
     results = predict.classify(predictor, _TEXT.value, **kwargs)
   else:
     completions = predict.complete(predictor, _TEXT.value, **kwargs)
     results = [{"completion": c} for c in completions]
   for text, result in zip(_TEXT.value, results, strict=True):
     print(json.dumps({"text": text, **result}))
+
+
+def _chat() -> None:
+  """A line in, the fine-tuned model's streamed answer out; the
+  conversation so far is the context. An empty line or EOF ends it."""
+  console.configure_logging()
+  predictor = predict.load(_WORKDIR.value, _STEP.value)
+  messages = []
+  print("chat with the fine-tuned model (an empty line ends it)", flush=True)
+  while True:
+    try:
+      line = input("> ")
+    except EOFError:
+      break
+    if not line.strip():
+      break
+    messages.append({"role": "user", "content": line})
+    reply = []
+    for piece in predict.chat_reply(
+      predictor,
+      messages,
+      _NEW.value,
+      temperature=_TEMPERATURE.value,
+      top_k=_TOP_K.value,
+      top_p=_TOP_P.value,
+      seed=_SEED.value,
+    ):
+      print(piece, end="", flush=True)
+      reply.append(piece)
+    print(flush=True)
+    messages.append({"role": "assistant", "content": "".join(reply)})
 
 
 if __name__ == "__main__":

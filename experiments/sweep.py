@@ -14,14 +14,16 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from qlora_jax import sweep
+from qlora_jax.ablations import sweep
+from qlora_jax.engine import console
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _module(path: str):
+def config_module(path: str):
+  """The config file as a module (its get_sweep, get_table...)."""
   spec = importlib.util.spec_from_file_location("sweep_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -30,8 +32,9 @@ def _module(path: str):
 
 def main(argv):
   del argv
+  console.configure_logging()
   path = flags.FLAGS["config"].config_filename
-  module = _module(path)
+  module = config_module(path)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{path} defines no get_sweep()")
   table = module.get_table() if hasattr(module, "get_table") else None

@@ -5,7 +5,8 @@ python -m experiments.tables --sweep DIR [--out DIR/tables]
 
 from absl import app, flags
 
-from qlora_jax import tables
+from qlora_jax.ablations import tables
+from qlora_jax.engine import console
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep directory.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default SWEEP/tables).")
@@ -14,6 +15,7 @@ flags.mark_flag_as_required("sweep")
 
 def main(argv):
   del argv
+  console.configure_logging()
   paths = tables.write(_SWEEP.value, _OUT.value)
   for path in paths:
     print(path)

@@ -4,23 +4,37 @@ python -m experiments.train [--config configs/NAME.py] [--workdir DIR]
   [--config.lora.rank=16 ...]
 
 With no flags it runs the main job: configs/default.py in runs/default.
+Re-running the command resumes the run from its last checkpoint; a
+workdir made by another config is refused (naming the differing fields).
 """
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from qlora_jax import train
+from qlora_jax.engine import console, train
+from qlora_jax.engine.workdir import WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", "configs/default.py", "Config file.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory.")
+_ALLOW = flags.DEFINE_bool(
+  "allow_safe_changes",
+  False,
+  "Continue a run in --workdir with other train.steps / epochs / eval_every"
+  " / checkpoint_every than it was made with.",
+)
 
 
 def main(argv):
   del argv
-  # Devices are logged once jax.distributed (if configured) is initialised.
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  console.configure_logging()
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW.value)
+  except (ValueError, WorkdirError) as e:  # bad input: the message says all
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

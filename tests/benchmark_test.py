@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from qlora_jax import benchmark
+from qlora_jax.bench import train as benchmark
 
 H, LAYERS, HEADS, MLP, VOCAB = 32, 2, 4, 48, 64
 
@@ -42,3 +42,25 @@ def test_throughput_figures(checkpoint, mode):
   # Random tokens over 64 ids: the first loss is near ln(64).
   assert abs(r["first_loss"] - math.log(VOCAB)) < 0.5
   assert math.isfinite(r["last_loss"])
+
+
+def test_layer_stack_bench_runs_the_engine_step_for_every_mode():
+  from qlora_jax.bench import layers  # noqa: PLC0415
+  from qlora_jax.engine.modes import MODES  # noqa: PLC0415
+
+  dim, n, rank = 128, 2, 4
+  out = {
+    m: layers.run_variant(
+      m, 2, 8, layers=n, dim=dim, rank=rank, scan=True, repeats=1
+    )
+    for m in MODES
+  }
+  assert all(r["finite"] for r in out.values())
+  # Trainable parameters by formula: A [dim, r] and B [r, dim] per layer;
+  # full fine-tuning trains the embedding, every layer and the head.
+  for m in ("lora_f32", "lora_bf16", "qlora_nf4_dq"):
+    assert out[m]["trainable"] == n * 2 * dim * rank
+  full = layers.VOCAB * dim + n * dim * dim + dim * layers.LABELS
+  assert out["full"]["trainable"] == full
+  # The frozen 4-bit base is the smallest program: codes are 1/8 of f32.
+  assert out["qlora_nf4_dq"]["memory_mib"] < out["lora_f32"]["memory_mib"]

@@ -1,7 +1,7 @@
 """experiments.export on a tiny trained run, and a run that starts from a
 PEFT adapter (model.adapter)."""
 
-import copy
+import dataclasses
 import json
 import os
 import pathlib
@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from qlora_jax import build, interop, models
+from qlora_jax import interop, models
 from qlora_jax import nn as qnn
-from qlora_jax.interop import runs
+from qlora_jax.engine import runs, setup
 from tests import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -87,10 +87,12 @@ def test_merged_export_and_requantized_reload(run, restored, tmp_path):
 def test_a_run_can_start_from_a_peft_adapter(run, restored, tmp_path):
   adapter = tmp_path / "adapter"
   runs.export_adapter(run, adapter)
-  config = copy.deepcopy(restored.config)
-  config.model.adapter = str(adapter)
-  lm = build.load_model(config, 2)
-  trainable, _ = build.split_variables(config, lm.variables)
+  settings = dataclasses.replace(
+    restored.settings,
+    model=dataclasses.replace(restored.settings.model, adapter=str(adapter)),
+  )
+  lm = setup.load_model(settings, 2)
+  trainable, _ = setup.split_variables(settings, lm.variables)
   for path, value in qnn.flatten(restored.trainable).items():
     np.testing.assert_array_equal(qnn.flatten(trainable)[path], value)
 

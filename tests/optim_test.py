@@ -1,11 +1,21 @@
 """Optimizer: schedules, clipping and LoRA+ against their formulas."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from qlora_jax import optim
+from configs import default
+from qlora_jax.engine import optim
+from qlora_jax.engine.settings import Settings
+
+OPT = Settings.from_config(default.get_config()).opt
+
+
+def _opt(**fields):
+  return dataclasses.replace(OPT, **fields)
 
 
 def test_schedules_warm_up_then_decay():
@@ -21,8 +31,8 @@ def test_schedules_warm_up_then_decay():
 
 
 def test_warmup_ratio_and_steps():
-  assert optim.warmup_steps({"warmup_ratio": 0.03}, 1000) == 30
-  assert optim.warmup_steps({"warmup_steps": 7, "warmup_ratio": 0.5}, 100) == 7
+  assert optim.warmup_steps(_opt(warmup_ratio=0.03, warmup_steps=0), 1000) == 30
+  assert optim.warmup_steps(_opt(warmup_steps=7, warmup_ratio=0.5), 100) == 7
 
 
 def test_clipping_and_lora_plus_ratio():
@@ -30,7 +40,13 @@ def test_clipping_and_lora_plus_ratio():
   grads = {
     "layer": {"lora_a": jnp.full((4, 2), 3.0), "lora_b": jnp.full((2, 3), 3.0)}
   }
-  cfg = {"learning_rate": 0.1, "max_grad_norm": 0.3, "lora_plus_ratio": 16.0}
+  cfg = _opt(
+    learning_rate=0.1,
+    max_grad_norm=0.3,
+    lora_plus_ratio=16.0,
+    schedule="constant",
+    warmup_ratio=0.0,
+  )
   tx, _ = optim.make_optimizer(cfg, total_steps=10)
   state = tx.init(params)
   updates, _ = tx.update(grads, state, params)
@@ -46,8 +62,8 @@ def test_clipping_and_lora_plus_ratio():
 
 def test_bad_optimizer_configs():
   with pytest.raises(ValueError, match="unknown schedule 'step'"):
-    optim.make_optimizer({"learning_rate": 1.0, "schedule": "step"}, 10)
+    optim.make_optimizer(_opt(schedule="step"), 10)
   with pytest.raises(ValueError, match="learning_rate must be > 0"):
-    optim.make_optimizer({"learning_rate": 0.0}, 10)
+    optim.make_optimizer(_opt(learning_rate=0.0), 10)
   with pytest.raises(ValueError, match="lora_plus_ratio"):
-    optim.make_optimizer({"learning_rate": 1.0, "lora_plus_ratio": -1}, 10)
+    optim.make_optimizer(_opt(lora_plus_ratio=-1.0), 10)

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from qlora_jax import predict, train
 from qlora_jax.data.readers import read_records
+from qlora_jax.engine import predict, train
 from tests import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -3,7 +3,7 @@
 import numpy as np
 
 from qlora_jax import quant
-from qlora_jax.quant import bench
+from qlora_jax.bench import quant as bench
 
 
 def test_time_interleaved_calls_each_function_in_turn():

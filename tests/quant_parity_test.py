@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 from absl import flags
+from absl import logging as absl_logging
 from absl.testing import flagsaver
 
 from experiments import bnb_parity
@@ -65,8 +66,12 @@ def _run_main(path: pathlib.Path, capsys) -> tuple[int, list[str]]:
   """experiments.bnb_parity's main, in this process (compiles are shared)."""
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(ref=str(path)), pytest.raises(SystemExit) as e:
-    bnb_parity.main([])
+  verbosity = absl_logging.get_verbosity()
+  try:
+    with flagsaver.flagsaver(ref=str(path)), pytest.raises(SystemExit) as e:
+      bnb_parity.main([])
+  finally:
+    absl_logging.set_verbosity(verbosity)  # main quiets absl
   return e.value.code, capsys.readouterr().out.strip().splitlines()
 
 
@@ -123,3 +128,12 @@ def test_check_case_catches_each_difference(tmp_path, case, key, reason):
     result = parity.check_case(ref, case)
   assert not result.ok
   assert any(reason in r for r in result.reasons), result.reasons
+
+
+def test_main_fails_on_a_file_with_no_case(tmp_path, capsys):
+  empty = tmp_path / "unrelated.npz"
+  np.savez(empty, weights=np.zeros(4))
+  code, lines = _run_main(empty, capsys)
+  assert code == 1  # nothing checked is not a pass
+  assert _matched(lines) == (0, 0)
+  assert "holds no case to check" in lines[-2]

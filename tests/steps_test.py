@@ -5,8 +5,9 @@ import numpy as np
 import optax
 import pytest
 
-from qlora_jax import models, steps
+from qlora_jax import models
 from qlora_jax import nn as qnn
+from qlora_jax.engine import steps
 
 LLAMA = "tests/data/hf/llama_gqa"
 
@@ -102,7 +103,7 @@ def test_dropout_is_keyed_by_the_step():
 def test_lm_chunks_split_evenly(n, most, chunk, chunks):
   """The fewest chunks of at most `most` tokens, split evenly and rounded
   up to a multiple of 8 tokens where that stays within `most`: exact."""
-  from qlora_jax import tasks
+  from qlora_jax.engine import losses as tasks
 
   assert tasks.lm_chunks(n, most) == (chunk, chunks)
   assert chunk <= most and chunks * chunk >= n
@@ -116,7 +117,7 @@ def test_chunked_lm_loss_equals_the_full_logits_loss(monkeypatch, head):
   the head frozen (LoRA) or trained (in the differentiated tree): sums to
   1e-6 relative, gradients to 1e-5 relative to each gradient's largest
   entry (float32 sums in other orders)."""
-  from qlora_jax import tasks
+  from qlora_jax.engine import losses as tasks
 
   lm, trainable, frozen, batch = _setup()
   if head == "trained":

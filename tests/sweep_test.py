@@ -1,13 +1,20 @@
 """Sweeps: run, resume, record failures; tables equal the points' metrics."""
 
 import json
+import pathlib
 import shutil
 
 import pytest
 
-from configs import default, table2_finetune, table3_rank, table4_bits
-from qlora_jax import figures, sweep, tables
-from qlora_jax.metrics import read_metrics
+from configs import (
+  default,
+  table2_finetune,
+  table3_rank,
+  table4_bits,
+  table5_cost,
+)
+from qlora_jax.ablations import figures, results, sweep, tables
+from qlora_jax.engine.metrics import read_metrics
 from tests import tiny_config
 
 TABLE = {
@@ -73,8 +80,10 @@ def test_sweep_runs_resumes_records_failures_and_renders(tmp_path):
     evals.append([r for r in records if r["kind"] == "eval"][-1])
   acc = [e["accuracy"] for e in evals]
   loss = [e["loss"] for e in evals]
-  mean_acc, std_acc, _ = tables.stats(acc)
-  mean_loss, std_loss, _ = tables.stats(loss)
+  # By hand: the mean of two values and their sample std |a - b| / sqrt(2).
+  mean_acc, std_acc = (acc[0] + acc[1]) / 2, abs(acc[0] - acc[1]) / 2**0.5
+  mean_loss = (loss[0] + loss[1]) / 2
+  std_loss = abs(loss[0] - loss[1]) / 2**0.5
   cells = _table_cells(markdown)["a"]
   assert cells[0] == f"{100 * mean_acc:.1f} ± {100 * std_acc:.1f}"
   assert cells[1] == f"{mean_loss:.4f} ± {std_loss:.4f}"
@@ -98,16 +107,36 @@ def test_overrides_keep_types_but_targets_take_lists():
   with pytest.raises(ValueError, match="no config field 'rnak'"):
     sweep.apply_overrides(base, {"lora.rnak": 4})
   # Every point of the committed table configs applies to its base config.
-  for module in (table2_finetune, table3_rank, table4_bits):
+  for module in (table2_finetune, table3_rank, table4_bits, table5_cost):
     for point in module.get_sweep():
       overrides = {k: v for k, v in point.items() if "." in k}
       sweep.apply_overrides(module.get_config(), overrides)
 
 
+def test_committed_results_are_the_points_of_their_configs():
+  # Each committed sweep holds exactly its config's points, in its order.
+  root = pathlib.Path(__file__).resolve().parent.parent / "results"
+  for module, name in (
+    (table2_finetune, "table2"),
+    (table3_rank, "table3"),
+    (table4_bits, "table4"),
+    (table5_cost, "table5"),
+  ):
+    slugs = [p.slug for p in sweep.points_of(module.get_sweep())]
+    order = json.loads((root / name / "order.json").read_text())
+    assert order == slugs, name
+    for slug in slugs:
+      point = json.loads(
+        (root / name / "points" / slug / "point.json").read_text()
+      )
+      want = sweep.points_of(module.get_sweep())[slugs.index(slug)]
+      assert point == {"labels": want.labels, "overrides": want.overrides}
+
+
 def test_xy_figure_lines_join_series_keys_and_average_seeds(tmp_path):
   def point(base, adapter, seed, accuracy):
     keys = {"base": base, "bits": int(base[-1]), "adapter": adapter}
-    keys[tables.SEED_KEY] = seed
+    keys[results.SEED_KEY] = seed
     return {"keys": keys, "metrics": {"accuracy": accuracy}}
 
   points = [

@@ -52,7 +52,7 @@ def get_config(data_dir: str = ""):
 def train_classifier(tmp_path_factory, steps: int, n_eval: int):
   """Trains the tiny BERT classifier (nf4 + LoRA) for `steps` steps on 16
   training texts; returns (workdir, eval file, final eval metrics)."""
-  from qlora_jax import train  # noqa: PLC0415
+  from qlora_jax.engine import train  # noqa: PLC0415
 
   data_dir = tmp_path_factory.mktemp("data")
   write_dataset(data_dir, n_train=16, n_eval=n_eval)

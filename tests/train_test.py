@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from qlora_jax import nn as qnn
-from qlora_jax import train
-from qlora_jax.checkpoint import Checkpoints
-from qlora_jax.metrics import read_metrics
+from qlora_jax.engine import train
+from qlora_jax.engine.checkpoint import Checkpoints
+from qlora_jax.engine.metrics import read_metrics
 from tests import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -96,7 +96,7 @@ def test_run_trains_adapters_only_and_writes_everything(data_dir, tmp_path):
   right = sum(p["label"] == p["predicted"] for p in predictions)
   assert right / 16 == pytest.approx(final["accuracy"])
   # The checkpoint holds adapters and the new head only, never the base.
-  ckpt = Checkpoints(tmp_path)
+  ckpt = Checkpoints(tmp_path, keep=2)
   assert ckpt.all_steps() == [6, 12]
   restored, meta = ckpt.read(12)
   assert meta["step"] == 12 and meta["label_map"] == {"first": 0, "second": 1}
@@ -134,7 +134,7 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
-  resumed_from = max(Checkpoints(killed).all_steps())
+  resumed_from = max(Checkpoints(killed, keep=2).all_steps())
   assert 20 <= resumed_from < 150
   _run_cli(killed, data_dir, *overrides)
   a, b = _losses(straight), _losses(killed)
@@ -213,4 +213,4 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
   step = int(message.split(" at step ")[1].split(";")[0])
   assert "non-finite" in message
   assert f"last good checkpoint is step {step - 1}" in message
-  assert max(Checkpoints(tmp_path).all_steps()) == step - 1
+  assert max(Checkpoints(tmp_path, keep=2).all_steps()) == step - 1

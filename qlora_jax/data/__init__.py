@@ -8,6 +8,8 @@
   write_stdlib_docstrings(folder)     the default classification task
 
 Depends on numpy, `tokenizers` and the standard library only.
+
+Imports no other package of qlora_jax.
 """
 
 from qlora_jax.data.arrays import (
@@ -20,10 +22,12 @@ from qlora_jax.data.arrays import (
 )
 from qlora_jax.data.encoding import (
   ClassificationData,
+  chat_document,
   classification_splits,
   encode_classification,
   encode_lm,
   lm_documents,
+  prompt_and_answer,
 )
 from qlora_jax.data.iterators import (
   BatchIterator,
@@ -32,7 +36,8 @@ from qlora_jax.data.iterators import (
 )
 from qlora_jax.data.labels import LabelMap
 from qlora_jax.data.readers import (
-  TASKS,
+  EXAMPLE_KINDS,
+  ChatExample,
   ClassificationExample,
   InstructionExample,
   TextExample,
@@ -45,15 +50,17 @@ from qlora_jax.data.readers import (
 from qlora_jax.data.stdlib_docstrings import (
   build_splits,
   write_stdlib_docstrings,
+  write_stdlib_questions,
 )
 from qlora_jax.data.tokenizer import SpecialTokens, Tokenizer
 
 __all__ = [
   "CLASSIFICATION_FIELDS",
   "LM_FIELDS",
-  "TASKS",
+  "EXAMPLE_KINDS",
   "BatchIterator",
   "ClassificationData",
+  "ChatExample",
   "ClassificationExample",
   "Document",
   "EvalIterator",
@@ -66,9 +73,11 @@ __all__ = [
   "classification_arrays",
   "classification_splits",
   "encode_classification",
+  "chat_document",
   "encode_lm",
   "epoch_permutation",
   "lm_documents",
+  "prompt_and_answer",
   "packed_lm_arrays",
   "padded_lm_arrays",
   "read_classification_jsonl",
@@ -77,4 +86,5 @@ __all__ = [
   "read_lm_jsonl",
   "read_text_file",
   "write_stdlib_docstrings",
+  "write_stdlib_questions",
 ]

@@ -52,6 +52,16 @@ class Document(NamedTuple):
 
   tokens: Sequence[int]
   first_target: int = 1
+  # When given, tokens[j] is a loss target exactly where loss_tokens[j]
+  # (a chat: the assistant's messages), and first_target is ignored.
+  loss_tokens: Sequence[bool] | None = None
+
+
+def target_tokens(doc: Document) -> np.ndarray:
+  """bool [len(tokens)]: which tokens are loss targets."""
+  if doc.loss_tokens is not None:
+    return np.asarray(doc.loss_tokens, bool)
+  return np.arange(len(doc.tokens)) >= doc.first_target
 
 
 def classification_arrays(
@@ -91,7 +101,7 @@ def padded_lm_arrays(
   loss_mask = np.zeros((len(kept), length), np.float32)
   for i, (tokens, doc) in enumerate(zip(kept, documents, strict=True)):
     t = np.arange(len(tokens) - 1)  # positions that have a next token
-    t = t[t + 1 >= doc.first_target]
+    t = t[target_tokens(doc)[t + 1]]
     targets[i, t] = tokens[t + 1]
     loss_mask[i, t] = 1.0
   arrays["targets"] = targets
@@ -112,9 +122,7 @@ def packed_lm_arrays(
   sizes = np.asarray([len(d.tokens) for d in documents])
   stream = np.concatenate([np.asarray(d.tokens, np.int64) for d in documents])
   doc_of = np.repeat(np.arange(len(documents)), sizes)
-  is_target = np.concatenate(
-    [np.arange(len(d.tokens)) >= d.first_target for d in documents]
-  )
+  is_target = np.concatenate([target_tokens(d) for d in documents])
   total = len(stream)
   num_rows = -(-total // length)
   size = num_rows * length
@@ -173,3 +181,8 @@ def _check_documents(documents: Sequence[Document]) -> None:
   for i, doc in enumerate(documents):
     if len(doc.tokens) == 0:
       raise ValueError(f"document {i} has no tokens")
+    if doc.loss_tokens is not None and len(doc.loss_tokens) != len(doc.tokens):
+      raise ValueError(
+        f"document {i}: {len(doc.loss_tokens)} loss flags for "
+        f"{len(doc.tokens)} tokens"
+      )

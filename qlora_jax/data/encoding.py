@@ -20,6 +20,7 @@ import numpy as np
 from qlora_jax.data import arrays
 from qlora_jax.data.labels import LabelMap
 from qlora_jax.data.readers import (
+  ChatExample,
   ClassificationExample,
   InstructionExample,
   TextExample,
@@ -111,6 +112,63 @@ def encode_lm(
   return result
 
 
+def chat_messages(e: InstructionExample | ChatExample) -> list[dict]:
+  """The conversation an instruction example is, for a chat template."""
+  if isinstance(e, ChatExample):
+    return [dict(m) for m in e.messages]
+  messages = [{"role": "user", "content": e.prompt}] if e.prompt else []
+  return messages + [{"role": "assistant", "content": e.completion}]
+
+
+def chat_document(
+  e: InstructionExample | ChatExample, tokenizer: Tokenizer
+) -> arrays.Document:
+  """The conversation rendered with the tokenizer's chat template; the
+  loss covers each assistant message from its first token through the
+  template's end-of-turn, nothing else."""
+  if tokenizer.chat_template is None:
+    raise ValueError(
+      f"{e.where}: a chat example needs a tokenizer with a chat template"
+    )
+  messages = chat_messages(e)
+  text = tokenizer.apply_chat_template(messages, False)
+  spans = []
+  for i, m in enumerate(messages):
+    if m["role"] != "assistant":
+      continue
+    before = tokenizer.apply_chat_template(messages[:i], True) if i else ""
+    through = tokenizer.apply_chat_template(messages[: i + 1], False)
+    if not (text.startswith(before) and text.startswith(through)):
+      raise ValueError(
+        f"{e.where}: the chat template does not render message {i} as a "
+        "prefix of the whole conversation, so its tokens cannot be found"
+      )
+    spans.append((len(before), len(through)))
+  ids, starts = tokenizer.encode_offsets(text)
+  loss = [any(a <= c < b for a, b in spans) for c in starts]
+  if not any(loss[1:]):
+    raise ValueError(f"{e.where}: the assistant's messages encode to no tokens")
+  return arrays.Document(ids, 1, loss)
+
+
+def prompt_and_answer(
+  e: InstructionExample | ChatExample, tokenizer: Tokenizer
+) -> tuple[list[int], str]:
+  """The ids a model answers (up to the last assistant message) and that
+  message's text: what generation at evaluation compares."""
+  messages = chat_messages(e)
+  last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+  if tokenizer.chat_template is not None:
+    text = tokenizer.apply_chat_template(messages[:last], True)
+    ids = tokenizer.encode_offsets(text)[0]
+  else:
+    prompt = "".join(m["content"] for m in messages[:last])
+    ids = list(tokenizer.special_prefix) + tokenizer.encode(
+      prompt, add_special_tokens=False
+    )
+  return ids, messages[last]["content"]
+
+
 def lm_documents(
   examples: Sequence[TextExample | InstructionExample], tokenizer: Tokenizer
 ) -> list[arrays.Document]:
@@ -119,11 +177,20 @@ def lm_documents(
   suffix = list(tokenizer.special_suffix)
   end = [] if tokenizer.end_id is None else [tokenizer.end_id]
   for e in examples:
-    if not isinstance(e, (TextExample, InstructionExample)):
+    if not isinstance(e, (TextExample, InstructionExample, ChatExample)):
       raise TypeError(
-        f"{getattr(e, 'where', '?')}: language modelling takes text or "
-        f"prompt/completion examples, got {type(e).__name__}"
+        f"{getattr(e, 'where', '?')}: language modelling takes text, "
+        f"prompt/completion or chat examples, got {type(e).__name__}"
       )
+  if tokenizer.chat_template is not None or any(
+    isinstance(e, ChatExample) for e in examples
+  ):
+    return [
+      chat_document(e, tokenizer)
+      if not isinstance(e, TextExample)
+      else _text_document(e, tokenizer, prefix, suffix, end)
+      for e in examples
+    ]
   texts = [e.text if isinstance(e, TextExample) else e.prompt for e in examples]
   completions = [
     e.completion if isinstance(e, InstructionExample) else "" for e in examples
@@ -146,3 +213,13 @@ def lm_documents(
       tokens = tokens + end
     documents.append(arrays.Document(tokens, first_target))
   return documents
+
+
+def _text_document(e, tokenizer, prefix, suffix, end) -> arrays.Document:
+  body = tokenizer.encode(e.text, add_special_tokens=False)
+  if not body:
+    raise ValueError(f"{e.where}: the text encodes to no tokens")
+  tokens = prefix + body + suffix
+  if end and tokens[-1] != end[0]:
+    tokens = tokens + end
+  return arrays.Document(tokens, 1)

@@ -4,7 +4,9 @@ JSONL, one JSON object per line (blank lines are skipped, extra fields are
 ignored):
 
   language modelling   {"text": "..."}
-  instruction tuning   {"prompt": "...", "completion": "..."}
+  instruction tuning   {"prompt": "...", "completion": "..."}, or
+                       {"messages": [{"role": ..., "content": ...}, ...]}
+                       (multi-turn; at least one assistant message)
   classification       {"text": "...", "label": "..."}
 
 Strings must be non-empty (not only whitespace); the prompt may be empty.
@@ -24,7 +26,9 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-TASKS = ("lm", "instruction", "classification")
+from qlora_jax.data import chat
+
+EXAMPLE_KINDS = ("lm", "instruction", "classification")
 TEXT_SPLITS = ("paragraph", "line")
 
 
@@ -46,6 +50,14 @@ class InstructionExample:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChatExample:
+  """A conversation; the loss covers the assistant's messages only."""
+
+  messages: tuple[dict[str, str], ...]
+  where: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ClassificationExample:
   """A text and its label (always a string)."""
 
@@ -54,7 +66,7 @@ class ClassificationExample:
   where: str
 
 
-Example = TextExample | InstructionExample | ClassificationExample
+Example = TextExample | InstructionExample | ChatExample | ClassificationExample
 
 
 def read_examples(
@@ -65,8 +77,8 @@ def read_examples(
   `.txt` files are read as plain text (language modelling only); anything
   else as JSONL.
   """
-  if task not in TASKS:
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+  if task not in EXAMPLE_KINDS:
+    raise ValueError(f"task must be one of {EXAMPLE_KINDS}, got {task!r}")
   if str(path).endswith(".txt"):
     if task != "lm":
       raise ValueError(
@@ -93,17 +105,33 @@ def read_lm_jsonl(path: str | os.PathLike) -> list[TextExample]:
 
 def read_instruction_jsonl(
   path: str | os.PathLike,
-) -> list[InstructionExample]:
-  """Reads `{"prompt": ..., "completion": ...}` lines (prompt may be "")."""
-  examples = [
-    InstructionExample(
-      prompt=_text_field(obj, "prompt", where, allow_empty=True),
-      completion=_text_field(obj, "completion", where),
-      where=where,
+) -> list[InstructionExample | ChatExample]:
+  """Reads `{"prompt": ..., "completion": ...}` lines (prompt may be "") and
+  `{"messages": [...]}` lines."""
+  examples = []
+  for where, obj in _jsonl_objects(path):
+    if "messages" in obj:
+      examples.append(ChatExample(_messages_field(obj, where), where))
+      continue
+    examples.append(
+      InstructionExample(
+        prompt=_text_field(obj, "prompt", where, allow_empty=True),
+        completion=_text_field(obj, "completion", where),
+        where=where,
+      )
     )
-    for where, obj in _jsonl_objects(path)
-  ]
   return _non_empty(examples, path)
+
+
+def _messages_field(obj: dict, where: str) -> tuple[dict[str, str], ...]:
+  messages = obj["messages"]
+  try:
+    chat.check_messages(messages, where)
+  except chat.TemplateError as e:
+    raise ValueError(str(e)) from e
+  if not any(m["role"] == "assistant" for m in messages):
+    raise ValueError(f"{where}: no assistant message to learn from")
+  return tuple({"role": m["role"], "content": m["content"]} for m in messages)
 
 
 def read_classification_jsonl(

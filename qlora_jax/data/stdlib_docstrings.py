@@ -57,6 +57,48 @@ class _Paragraph:
   group: float  # position of the whole docstring's hash in [0, 1)
 
 
+QUESTION = (
+  "Which Python standard-library package is this docstring from? Answer "
+  "with one word: " + ", ".join(PACKAGES) + ".\n\nDocstring: "
+)
+
+
+def question_rows(rows: list[dict], per_class: int) -> list[dict]:
+  """The first `per_class` rows of each label as instruction rows: the
+  docstring asked as `QUESTION`, the package name as the completion."""
+  counts = dict.fromkeys(PACKAGES, 0)
+  out = []
+  for row in rows:
+    if counts[row["label"]] < per_class:
+      counts[row["label"]] += 1
+      out.append({"prompt": QUESTION + row["text"], "completion": row["label"]})
+  return out
+
+
+def write_stdlib_questions(
+  folder: str | os.PathLike,
+  train_per_class: int,
+  eval_per_class: int,
+  stdlib: str | None = None,
+) -> tuple[str, str]:
+  """The docstring task as instruction tuning: `train.jsonl` and
+  `eval.jsonl` of {"prompt", "completion"} rows in `folder` (the same
+  split as `write_stdlib_docstrings`, fewer rows per class)."""
+  train, evaluation = build_splits(stdlib)
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for name, rows, n in (
+    ("train.jsonl", train, train_per_class),
+    ("eval.jsonl", evaluation, eval_per_class),
+  ):
+    path = os.path.join(folder, name)
+    with open(path, "w", encoding="utf-8") as f:
+      for row in question_rows(rows, n):
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    paths.append(path)
+  return paths[0], paths[1]
+
+
 def stdlib_dir() -> str:
   """The folder of the running interpreter's standard library sources."""
   return sysconfig.get_paths()["stdlib"]

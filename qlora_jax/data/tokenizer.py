@@ -17,11 +17,13 @@ mask (`segment_ids`).
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tokenizers
+
+from qlora_jax.data import chat
 
 TOKENIZER_FILE = "tokenizer.json"
 PAD_FALLBACKS = ("eos", "zero")
@@ -58,6 +60,7 @@ class Tokenizer:
     tokenizer: tokenizers.Tokenizer,
     special: SpecialTokens | None = None,
     pad_fallback: str = "eos",
+    chat_template: str | None = None,
   ):
     if pad_fallback not in PAD_FALLBACKS:
       raise ValueError(
@@ -68,6 +71,7 @@ class Tokenizer:
     self._tok.no_truncation()
     self.special = special or SpecialTokens(**_guess_from_vocab(self._tok))
     self.pad_fallback = pad_fallback
+    self.chat_template = chat_template
     self._affixes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
   @classmethod
@@ -84,7 +88,15 @@ class Tokenizer:
     """A checkpoint folder holding `tokenizer.json` and maybe its configs."""
     tok = _load_json_tokenizer(os.path.join(folder, TOKENIZER_FILE))
     special = SpecialTokens(**_special_from_folder(folder, tok))
-    return cls(tok, special, pad_fallback)
+    template = _read_json(os.path.join(folder, "tokenizer_config.json")).get(
+      "chat_template"
+    )
+    if template is not None and not isinstance(template, str):
+      raise ValueError(
+        f"{os.path.join(folder, 'tokenizer_config.json')}: chat_template "
+        "must be a string (named templates are not supported)"
+      )
+    return cls(tok, special, pad_fallback, template)
 
   @classmethod
   def load(
@@ -188,6 +200,32 @@ class Tokenizer:
     finally:
       self._tok.no_truncation()
     return [e.ids for e in encodings]
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+    """(ids, start character of each token) of `text`, no special tokens
+    added (those written in the text are recognised)."""
+    e = self._tok.encode(text, add_special_tokens=False)
+    return e.ids, [start for start, _ in e.offsets]
+
+  def token_strings(self) -> dict[str, str]:
+    """{"bos_token": ..., "eos_token": ..., ...}: the special tokens' text,
+    as a chat template sees them."""
+    out = {}
+    for name in ("bos", "eos", "pad", "unk", "cls", "sep"):
+      i = getattr(self.special, name)
+      if i is not None:
+        out[f"{name}_token"] = self._tok.id_to_token(i)
+    return out
+
+  def apply_chat_template(
+    self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool
+  ) -> str:
+    """The conversation as the checkpoint's chat template renders it."""
+    if self.chat_template is None:
+      raise ValueError("the tokenizer has no chat template")
+    return chat.render(
+      self.chat_template, messages, add_generation_prompt, self.token_strings()
+    )
 
   def decode(
     self, ids: Iterable[int] | np.ndarray, skip_special_tokens: bool = True

@@ -1,7 +1,7 @@
 """Interop with PEFT and transformers: adapters out and in, merged models out.
 
-`qlora_jax.interop.runs` exports a training run (it imports the engine, so
-it is not imported here: `qlora_jax.build` imports this package).
+Format conversion only: imports `quant`, `nn`, `models` (and `data`), never
+the engine (a training run's export is `qlora_jax.engine.runs`).
 """
 
 from qlora_jax.interop.hf_export import merge, merged_model, write_merged

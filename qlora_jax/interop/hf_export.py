@@ -27,6 +27,7 @@ from absl import logging
 
 from qlora_jax import models, quant
 from qlora_jax import nn as qnn
+from qlora_jax.interop import gguf_convert
 from qlora_jax.interop.naming import Names, head_tensor
 from qlora_jax.models import prequantized
 from qlora_jax.models.safetensors_reader import SINGLE, Checkpoint
@@ -188,7 +189,9 @@ def write_merged(
     )
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  if base is not None:
+  if base is not None and models.is_gguf(base):
+    gguf_convert.write_tokenizer(base, out)
+  elif base is not None:
     base = pathlib.Path(base)
     if not shapes:
       for k, v in _unused_base_tensors(base, names, dtype).items():
@@ -200,7 +203,7 @@ def write_merged(
     tensors, str(out / SINGLE), metadata={"format": "pt"}
   )
   (out / "config.json").write_text(json.dumps(config, indent=2))
-  logging.info(
+  logging.debug(
     "wrote %d tensors (%d quantized weights) to %s",
     len(tensors),
     len(shapes),

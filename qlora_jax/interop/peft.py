@@ -142,5 +142,5 @@ def write_adapter(
     tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"}
   )
   (out / peft_config.CONFIG_FILE).write_text(json.dumps(config, indent=2))
-  logging.info("wrote %d adapter tensors to %s", len(tensors), out)
+  logging.debug("wrote %d adapter tensors to %s", len(tensors), out)
   return config

@@ -67,7 +67,7 @@ class AdapterError(ValueError):
   """A PEFT adapter that this codebase cannot load; names key and file."""
 
 
-def read_config(folder: str | pathlib.Path) -> tuple[dict, str]:
+def read_adapter_config(folder: str | pathlib.Path) -> tuple[dict, str]:
   """(adapter_config.json as a dict, its path)."""
   path = pathlib.Path(folder) / CONFIG_FILE
   if not path.is_file():

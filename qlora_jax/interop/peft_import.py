@@ -149,7 +149,7 @@ def read_adapter(
     AdapterError: an unknown peft_type, an unsupported option, targets that
       match nothing, a missing, unexpected or misshapen tensor.
   """
-  raw, config_source = peft_config.read_config(folder)
+  raw, config_source = peft_config.read_adapter_config(folder)
   peft_config.check_config(raw, config_source, spec.task)
   names = Names(spec, scan_layers)
   lora, modules, unused = _lora_mapping(raw, config_source, names)

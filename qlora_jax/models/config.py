@@ -7,6 +7,7 @@ transformers uses; anything the models cannot honour raises.
 
 import dataclasses
 import json
+import math
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -139,6 +140,10 @@ class _Fields:
       raise self.error(key, f"must be {kind.__name__}, got {value!r}")
     if kind is int and value <= 0 and key != "pad_token_id":
       raise self.error(key, f"must be positive, got {value}")
+    if kind is float and not math.isfinite(value):
+      raise self.error(key, f"must be finite, got {value}")
+    if kind is float and ("eps" in key or key == "rope_theta") and value <= 0:
+      raise self.error(key, f"must be positive, got {value}")
     return value
 
   def activation(self, key: str, default: str) -> str:
@@ -170,6 +175,10 @@ def _rope(f: _Fields) -> RopeConfig:
   if not isinstance(params, Mapping):
     raise f.error(key, f"must be a mapping, got {params!r}")
   theta = params.get("rope_theta", f.raw.get("rope_theta", 10000.0))
+  if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+    raise f.error("rope_theta", f"must be a number, got {theta!r}")
+  if not math.isfinite(theta) or theta <= 0:
+    raise f.error("rope_theta", f"must be positive, got {theta}")
   kind = params.get("rope_type", params.get("type", "default"))
   if kind not in ROPE_TYPES:
     raise f.error(

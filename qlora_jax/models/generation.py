@@ -199,3 +199,76 @@ def _generate(
 
   state = (jnp.int32(1), out, done, token, positions[:, -1] + 1, cache, rng)
   return jax.lax.while_loop(cond, body, state)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cache_length"))
+def _prefill(model, variables, prompt_ids, cache_length):
+  c = model.config
+  batch, length = prompt_ids.shape
+  cache = KVCache.zeros(
+    c.num_layers,
+    batch,
+    cache_length,
+    c.num_kv_heads,
+    c.head_dim,
+    model.opts.dtype,
+  )
+  mask = jnp.ones((batch, length), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  logits, cache = model.apply(
+    variables, prompt_ids, mask, positions, cache=cache
+  )
+  return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _decode_step(model, variables, token, position, cache):
+  ones = jnp.ones((token.shape[0], 1), jnp.int32)
+  logits, cache = model.apply(
+    variables, token[:, None], ones, position[:, None], cache=cache
+  )
+  return logits[:, -1], cache
+
+
+def stream(
+  model: nn.Module,
+  variables,
+  prompt_ids: Sequence[int],
+  *,
+  max_new_tokens: int,
+  eos_token_id: Sequence[int] = (),
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  rng: jax.Array | None = None,
+  bucket: int = 256,
+):
+  """Yields one prompt's new tokens one at a time (an interactive chat).
+
+  The KV cache holds the prompt and `max_new_tokens`, rounded up to a
+  multiple of `bucket` so that prompts of similar length share one
+  compiled prefill. Stops after an end token (which is not yielded).
+  """
+  ids = jnp.asarray([list(prompt_ids)], jnp.int32)
+  length = ids.shape[1]
+  cache_length = -(-(length + max_new_tokens) // bucket) * bucket
+  if (
+    isinstance(model.config, GPT2Config)
+    and cache_length > model.config.max_positions
+  ):
+    raise ValueError(
+      f"{length} prompt + {max_new_tokens} new tokens exceed GPT-2's "
+      f"{model.config.max_positions} learned positions"
+    )
+  rng = jax.random.key(0) if rng is None else rng
+  logits, cache = _prefill(model, variables, ids, cache_length)
+  position = jnp.asarray([length], jnp.int32)
+  for _ in range(max_new_tokens):
+    rng, sub = jax.random.split(rng)
+    token = select_tokens(logits, sub, temperature, top_k, top_p)
+    value = int(token[0])
+    if value in eos_token_id:
+      return
+    yield value
+    logits, cache = _decode_step(model, variables, token, position, cache)
+    position = position + 1

@@ -26,7 +26,11 @@ from qlora_jax.models import prequantized
 from qlora_jax.models.hf_names import Layout
 from qlora_jax.models.layers import Options
 from qlora_jax.models.registry import ModelSpec
-from qlora_jax.models.safetensors_reader import Checkpoint, CheckpointError
+from qlora_jax.models.safetensors_reader import (
+  Checkpoint,
+  CheckpointError,
+  is_float,
+)
 
 Place = Callable[[str, Any], Any]
 Path = tuple[str, ...]
@@ -216,6 +220,11 @@ def read_variables(
     for t in sorted(group, key=lambda t: t.layer or 0):
       array = ckpt.read(keys[t.name])
       prequantized = isinstance(array, quant.QuantizedTensor)
+      if not prequantized and not is_float(array.dtype):
+        raise CheckpointError(
+          f"tensor {keys[t.name]!r} in {ckpt.file(keys[t.name])} is "
+          f"{array.dtype}, but {'/'.join(dest)} is a floating-point weight"
+        )
       if layout.is_transposed(t.name) and not prequantized:
         array = np.ascontiguousarray(array.T)
       values = _convert(array, t, dest, opts, root)

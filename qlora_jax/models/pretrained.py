@@ -19,8 +19,9 @@ import tokenizers
 from absl import logging
 
 from qlora_jax import nn as qnn
-from qlora_jax.models import loading, prequantized
+from qlora_jax.models import gguf_reader, loading, prequantized
 from qlora_jax.models.config import Config, from_dict, read_config
+from qlora_jax.models.gguf_tokenizer import gguf_tokenizer
 from qlora_jax.models.layers import Options
 from qlora_jax.models.registry import ModelSpec
 from qlora_jax.models.safetensors_reader import Checkpoint, CheckpointError
@@ -65,29 +66,15 @@ def _peak_rss() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def from_pretrained(
-  path: str | pathlib.Path,
-  *,
-  task: str = "causal_lm",
-  num_labels: int | None = None,
-  lora: Mapping[str, Any] | None = None,
-  quant: Mapping[str, Any] | None = None,
-  dtype: Any = jnp.float32,
-  base_dtype: Any = jnp.float32,
-  scan_layers: bool = False,
-  remat: bool = False,
-  seed: int = 0,
-  place: loading.Place | None = None,
-  matmul_kernel: str = "auto",
-) -> Pretrained:
-  """Loads a Hugging Face checkpoint folder, quantizing as it reads.
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """How `from_pretrained` and `init_random` build a model.
 
-  Args:
-    path: folder with config.json, model.safetensors (or a sharded
-      model.safetensors.index.json) and optionally tokenizer.json.
+  Attributes:
     task: "causal_lm" (Llama, Mistral, Qwen2, GPT-2), "embedding" (BERT:
       normalised masked-mean sentence embeddings) or "classification"
       (BERT with a new trainable classifier of `num_labels` outputs).
+    num_labels: outputs of a new classification head.
     lora: adapters, as `qlora_jax.nn.make_plan` takes them (None: none).
     quant: quantization of frozen linear weights, as `make_plan` takes it
       (None: float weights in `base_dtype`).
@@ -102,73 +89,134 @@ def from_pretrained(
       to put it on a device mesh; default: the default device.
     matmul_kernel: "auto", "xla" or "pallas", the matmul of quantized
       linear layers (`Options.matmul_kernel`).
+  """
+
+  task: str = "causal_lm"
+  num_labels: int | None = None
+  lora: Mapping[str, Any] | None = None
+  quant: Mapping[str, Any] | None = None
+  dtype: Any = jnp.float32
+  base_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
+  seed: int = 0
+  place: loading.Place | None = None
+  matmul_kernel: str = "auto"
+
+
+def model_options(
+  options: ModelOptions | None = None, **fields: Any
+) -> ModelOptions:
+  """`options` (default: `ModelOptions()`) with `fields` replaced."""
+  options = options or ModelOptions()
+  known = {f.name for f in dataclasses.fields(ModelOptions)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise TypeError(
+      f"unknown model option(s) {unknown}: expected {sorted(known)}"
+    )
+  return dataclasses.replace(options, **fields)
+
+
+def from_pretrained(
+  path: str | pathlib.Path, options: ModelOptions | None = None, **fields: Any
+) -> Pretrained:
+  """Loads a Hugging Face checkpoint folder, quantizing as it reads.
+
+  Args:
+    path: folder with config.json, model.safetensors (or a sharded
+      model.safetensors.index.json) and optionally tokenizer.json; or a
+      llama.cpp `.gguf` file (architectures llama and qwen2; every tensor
+      type the `gguf` package dequantizes), whose config and tokenizer
+      come from its metadata.
+    options: how to build the model (`ModelOptions`); keyword `fields`
+      replace single options (`lora=..., quant=...`).
 
   Raises:
     ConfigError, CheckpointError (ValueErrors naming file and tensor): an
       unsupported model, a missing / unexpected / misshapen / non-finite
       tensor.
   """
+  o = model_options(options, **fields)
   start, rss_before = time.perf_counter(), _peak_rss()
   folder = pathlib.Path(path)
-  config_file = folder / "config.json"
-  config = read_config(config_file)
-  spec = ModelSpec(config, task, num_labels)
-  ckpt = Checkpoint(folder)
-  section = prequantized.read_section(config_file)
+  if is_gguf(folder):  # a llama.cpp file
+    gguf = gguf_reader.read_gguf(folder)
+    ckpt = gguf_reader.GGUFCheckpoint(gguf)
+    config_file, section = folder, None
+    config = from_dict(ckpt.config, str(folder))
+    tokenizer = gguf_tokenizer(gguf).tokenizer
+  else:
+    config_file = folder / "config.json"
+    config = read_config(config_file)
+    ckpt = Checkpoint(folder)
+    section = prequantized.read_section(config_file)
+    tokenizer = _tokenizer(folder)
+  spec = ModelSpec(config, o.task, o.num_labels)
+  quant = o.quant
   if section is not None:  # linear weights stored quantized
     if quant:
       raise ValueError(
         f"quant: {config_file} holds quantized weights ({section.spec}); "
         "pass quant=None"
       )
-    targets = loading.targets(spec, scan_layers)
+    targets = loading.targets(spec, o.scan_layers)
     quant = prequantized.quant_targets(section, targets, spec.layout)
     ckpt = prequantized.QuantizedCheckpoint(ckpt, section, spec.layout)
-  plan = model_plan(spec, lora, quant, scan_layers)
-  opts = Options(plan, dtype, base_dtype, remat, scan_layers, matmul_kernel)
+  plan = model_plan(spec, o.lora, quant, o.scan_layers)
+  opts = _layer_options(plan, o)
   model = spec.build(opts)
   flat, stats = loading.read_variables(
-    ckpt, spec, opts, str(config_file), seed, place
+    ckpt, spec, opts, str(config_file), o.seed, o.place
   )
-  variables = _complete(model, spec, opts, flat, seed, place)
+  variables = _complete(model, spec, opts, flat, o.seed, o.place)
   stats.seconds = time.perf_counter() - start
   stats.peak_rss_bytes, stats.peak_rss_before_bytes = _peak_rss(), rss_before
-  _log_stats(folder, stats)
-  return Pretrained(model, variables, plan, config, _tokenizer(folder), stats)
+  logging.debug("loaded %s: %s", folder, stats)
+  return Pretrained(model, variables, plan, config, tokenizer, stats)
 
 
 def init_random(
   config: Config | Mapping[str, Any],
-  *,
-  task: str = "causal_lm",
-  num_labels: int | None = None,
-  lora: Mapping[str, Any] | None = None,
-  quant: Mapping[str, Any] | None = None,
-  dtype: Any = jnp.float32,
-  base_dtype: Any = jnp.float32,
-  scan_layers: bool = False,
-  remat: bool = False,
-  seed: int = 0,
-  place: loading.Place | None = None,
-  matmul_kernel: str = "auto",
+  options: ModelOptions | None = None,
+  **fields: Any,
 ) -> Pretrained:
   """A randomly initialised model of the same classes as `from_pretrained`.
 
   `config` is a parsed config or the contents of a config.json (a dict
-  with `model_type`, ...). Weights are N(0, 0.02), norms 1. Other
-  arguments as in `from_pretrained`.
+  with `model_type`, ...). Weights are N(0, 0.02), norms 1. Options as in
+  `from_pretrained`.
   """
+  o = model_options(options, **fields)
   if isinstance(config, Mapping):
     config = from_dict(config)
-  spec = ModelSpec(config, task, num_labels)
-  plan = model_plan(spec, lora, quant, scan_layers)
-  opts = Options(plan, dtype, base_dtype, remat, scan_layers, matmul_kernel)
-  model = spec.build(opts)
-  rngs = {"params": jax.random.key(seed)}
+  spec = ModelSpec(config, o.task, o.num_labels)
+  plan = model_plan(spec, o.lora, o.quant, o.scan_layers)
+  model = spec.build(_layer_options(plan, o))
+  rngs = {"params": jax.random.key(o.seed)}
   variables = jax.jit(model.init)(rngs, *spec.dummy_inputs())
-  place = place or loading.default_place
+  place = o.place or loading.default_place
   flat = {p: place("/".join(p), v) for p, v in qnn.flatten(variables).items()}
   return Pretrained(model, qnn.unflatten(flat), plan, config)
+
+
+def is_gguf(path: str | pathlib.Path) -> bool:
+  """Whether `path` is a GGUF file (else a Hugging Face folder)."""
+  path = pathlib.Path(path)
+  return path.suffix == ".gguf" and path.is_file()
+
+
+def checkpoint_config(path: str | pathlib.Path) -> Config:
+  """The model config of a Hugging Face folder or a GGUF file."""
+  if is_gguf(path):
+    return from_dict(gguf_reader.gguf_config(path), str(path))
+  return read_config(pathlib.Path(path) / "config.json")
+
+
+def _layer_options(plan: qnn.Plan, o: ModelOptions) -> Options:
+  return Options(
+    plan, o.dtype, o.base_dtype, o.remat, o.scan_layers, o.matmul_kernel
+  )
 
 
 def _complete(model, spec, opts, flat, seed, place) -> dict:
@@ -207,22 +255,3 @@ def _tokenizer(folder: pathlib.Path) -> tokenizers.Tokenizer | None:
     return tokenizers.Tokenizer.from_file(str(path))
   except Exception as e:  # tokenizers raises a bare Exception
     raise CheckpointError(f"{path}: cannot load tokenizer: {e}") from e
-
-
-def _log_stats(folder: pathlib.Path, s: loading.LoadStats) -> None:
-  logging.info(
-    "loaded %s: %d tensors (%d ignored) in %.1f s; frozen weights %.2f MiB "
-    "as float32 -> %.2f MiB stored; linear weights %.2f -> %.2f MiB "
-    "(%.3fx); peak RSS %.0f MiB (%.0f MiB before loading)",
-    folder,
-    s.num_tensors,
-    s.num_ignored,
-    s.seconds,
-    s.base_float32_bytes / MiB,
-    s.base_stored_bytes / MiB,
-    s.linear_float32_bytes / MiB,
-    s.linear_stored_bytes / MiB,
-    s.linear_ratio,
-    s.peak_rss_bytes / MiB,
-    s.peak_rss_before_bytes / MiB,
-  )

@@ -13,7 +13,7 @@ from qlora_jax.models.gpt2 import GPT2LMHeadModel
 from qlora_jax.models.layers import Options
 from qlora_jax.models.llama import LlamaForCausalLM
 
-TASKS = ("causal_lm", "embedding", "classification")
+MODEL_TASKS = ("causal_lm", "embedding", "classification")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +25,10 @@ class ModelSpec:
   num_labels: int | None = None
 
   def __post_init__(self):
-    if self.task not in TASKS:
-      raise ValueError(f"unknown task {self.task!r}: expected one of {TASKS}")
+    if self.task not in MODEL_TASKS:
+      raise ValueError(
+        f"unknown task {self.task!r}: expected one of {MODEL_TASKS}"
+      )
     decoder = isinstance(self.config, (LlamaConfig, GPT2Config))
     if decoder != (self.task == "causal_lm"):
       allowed = ("causal_lm",) if decoder else ("embedding", "classification")

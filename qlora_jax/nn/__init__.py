@@ -1,4 +1,8 @@
-"""QLoRA layers: frozen (quantized) bases, LoRA adapters, trainable trees."""
+"""QLoRA layers: frozen (quantized) bases, LoRA adapters, trainable trees.
+
+Flax modules and tree helpers that know nothing of any model; imports
+`qlora_jax.quant` only.
+"""
 
 from qlora_jax.nn.dense import BASE, PARAMS, QLoRADense, base_param, path_name
 from qlora_jax.nn.hash_dropout import Dropout, dropout
@@ -11,7 +15,14 @@ from qlora_jax.nn.matmul import (
   resolve_kernel,
 )
 from qlora_jax.nn.merge import merge_adapters, merged_weight, unmerge_adapters
-from qlora_jax.nn.plan import ALL_LINEAR, LayerSpec, Plan, make_plan, select
+from qlora_jax.nn.plan import (
+  ALL_LINEAR,
+  LayerSpec,
+  Plan,
+  make_plan,
+  plan_lines,
+  select,
+)
 from qlora_jax.nn.trees import (
   flatten,
   merge_trees,
@@ -45,6 +56,7 @@ __all__ = [
   "num_bytes",
   "num_params",
   "path_name",
+  "plan_lines",
   "quantized_matmul",
   "resolve_kernel",
   "select",

@@ -17,8 +17,6 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from absl import logging
-
 from qlora_jax.nn.lora import LoraSpec
 from qlora_jax.quant import QuantSpec
 
@@ -151,7 +149,9 @@ def make_plan(
         continue
       rank = _pattern_value(p, rank_pattern, lora.get("rank", 8), used)
       alpha = _pattern_value(p, alpha_pattern, lora.get("alpha", 16.0), used)
-      lora_specs[p] = LoraSpec(rank=int(rank), alpha=float(alpha), **common)
+      lora_specs[p] = LoraSpec(
+        rank=_whole(rank, f"lora rank of {p}"), alpha=float(alpha), **common
+      )
     unused = (set(rank_pattern) | set(alpha_pattern)) - used
     if unused:
       raise ValueError(
@@ -159,12 +159,13 @@ def make_plan(
         "layer"
       )
   quant_specs: dict[str, QuantSpec] = {}
+  if quant_cfg:
+    _check_keys("quant", quant_cfg, _QUANT_KEYS)
   if quant_cfg and str(quant_cfg.get("data_type", "none")) != "none":
     quant_cfg = dict(quant_cfg)
-    _check_keys("quant", quant_cfg, _QUANT_KEYS)
     spec = QuantSpec(
       str(quant_cfg["data_type"]),
-      int(quant_cfg.get("block_size", 64)),
+      _whole(quant_cfg.get("block_size", 64), "quant block_size"),
       bool(quant_cfg.get("double_quant", True)),
     )
     chosen = select(
@@ -179,9 +180,7 @@ def make_plan(
     spec = LayerSpec(lora_specs.get(p), quant_specs.get(p))
     if spec != LayerSpec():
       layers.append((p, spec))
-  plan = Plan(tuple(layers))
-  _log_plan(plan, len(linear_paths))
-  return plan
+  return Plan(tuple(layers))
 
 
 _SPEC_KEYS = ("rslora", "dropout", "init", "loftq_iters", "dora")
@@ -196,6 +195,15 @@ _LORA_KEYS = _SPEC_KEYS + (
 _QUANT_KEYS = ("data_type", "block_size", "double_quant", "targets", "exclude")
 
 
+def _whole(value: Any, what: str) -> int:
+  """`value` as an int; a fraction or a non-number is an error."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{what}: expected a whole number, got {value!r}")
+  if int(value) != value:
+    raise ValueError(f"{what}: expected a whole number, got {value!r}")
+  return int(value)
+
+
 def _check_keys(section: str, cfg: Mapping[str, Any], known) -> None:
   unknown = sorted(set(cfg) - set(known))
   if unknown:
@@ -204,7 +212,9 @@ def _check_keys(section: str, cfg: Mapping[str, Any], known) -> None:
     )
 
 
-def _log_plan(plan: Plan, n_linear: int) -> None:
+def plan_lines(plan: Plan, n_linear: int) -> list[str]:
+  """The plan as text: one line per planned layer, then a count."""
+  lines = []
   for path, spec in plan.layers:
     parts = []
     if spec.lora is not None:
@@ -217,10 +227,9 @@ def _log_plan(plan: Plan, n_linear: int) -> None:
       parts.append(
         f"{q.data_type} block={q.block_size}{' +dq' if q.double_quant else ''}"
       )
-    logging.info("layer %s: %s", path, ", ".join(parts))
-  logging.info(
-    "%d of %d linear layers have adapters, %d are quantized",
-    len(plan.lora_paths()),
-    n_linear,
-    len(plan.quant_paths()),
+    lines.append(f"layer {path}: {', '.join(parts)}")
+  lines.append(
+    f"{len(plan.lora_paths())} of {n_linear} linear layers have adapters, "
+    f"{len(plan.quant_paths())} are quantized"
   )
+  return lines

@@ -1,4 +1,8 @@
-"""k-bit blockwise quantization (NF-k, Int-k, FP4, FP8), as bitsandbytes."""
+"""k-bit blockwise quantization (NF-k, Int-k, FP4, FP8), as bitsandbytes.
+
+Pure jax.numpy functions; imports no other package of qlora_jax and no
+Flax.
+"""
 
 from qlora_jax.quant.codebooks import SUPPORTED_BITS, DataType, get_data_type
 from qlora_jax.quant.tensor import (

@@ -127,6 +127,9 @@ class Report:
 
   @property
   def ok(self) -> bool:
+    """Every case matches, and there was at least one case to check."""
+    if not self.cases:
+      return False
     return self.num_ok == len(self.cases) and self.q8_share >= DQ_MIN_CODE_MATCH
 
 

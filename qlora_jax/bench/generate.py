@@ -1,0 +1,96 @@
+"""Greedy decoding speed of this codebase (experiments.bench_generate).
+
+One call measures one model in the current process: time to first token
+(the prompt's forward pass and the first token), and decode tokens per
+second over the rest, with the KV cache, every call blocked on. Prompts
+are real text (standard-library docstrings) cut to `prompt_len` tokens;
+no end token stops a row, so every row generates `new_tokens` tokens.
+"""
+
+import pathlib
+import statistics
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from qlora_jax import data, models
+from qlora_jax.engine import profiling, setup
+
+NF4_DQ = {"data_type": "nf4", "block_size": 64, "double_quant": True}
+
+
+def prompt_ids(tokenizer, batch: int, prompt_len: int, folder) -> np.ndarray:
+  """[batch, prompt_len] token ids of held-out docstrings (the main job's
+  eval split), each cut to `prompt_len` tokens."""
+  _, eval_path = data.write_stdlib_docstrings(pathlib.Path(folder))
+  texts = [e.text for e in data.read_classification_jsonl(eval_path)]
+  rows = []
+  for text in texts:
+    ids = tokenizer.encode_batch([text], add_special_tokens=False)[0]
+    while len(ids) < prompt_len:
+      ids = ids + ids
+    rows.append(ids[:prompt_len])
+    if len(rows) == batch:
+      break
+  return np.asarray(rows, np.int32)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def decode_speed(
+  checkpoint: str,
+  quantized: bool,
+  batch: int,
+  prompt_len: int,
+  new_tokens: int,
+  folder,
+  repeats: int = 3,
+) -> dict[str, Any]:
+  """Time to first token and decode tokens/s of greedy generation."""
+  path = setup.resolve_checkpoint(checkpoint)
+  lm = models.from_pretrained(path, quant=NF4_DQ if quantized else None)
+  tok = setup.load_tokenizer(path)
+  ids = prompt_ids(tok, batch, prompt_len, folder)
+  mask = np.ones_like(ids)
+
+  def run(n):
+    return models.generate(
+      lm.model,
+      lm.variables,
+      ids,
+      mask,
+      max_new_tokens=n,
+      eos_token_id=(),
+      pad_token_id=tok.pad_id,
+    )
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(1))
+  jax.block_until_ready(run(new_tokens))
+  compile_s = time.perf_counter() - t0
+  first = _median_seconds(lambda: run(1), repeats)
+  total = _median_seconds(lambda: run(new_tokens), repeats)
+  decode = batch * (new_tokens - 1) / max(total - first, 1e-9)
+  return {
+    "impl": "qlora_jax",
+    "quantized": quantized,
+    "batch": batch,
+    "prompt_len": prompt_len,
+    "new_tokens": new_tokens,
+    "time_to_first_token_s": first,
+    "total_s": total,
+    "decode_tokens_per_s": decode,
+    "tokens_per_s": batch * new_tokens / total,
+    "compile_s": compile_s,
+    "peak_rss_bytes": profiling.peak_rss_bytes(),
+    "first_tokens": np.asarray(run(8))[0].tolist(),
+  }

@@ -1,0 +1,28 @@
+"""The training modes that benchmarks and tables compare, as config overrides.
+
+Each mode is a dict of dotted overrides of a run's config (as a sweep
+point gives them): full fine-tuning, LoRA over a float32 or a bfloat16
+frozen base, and QLoRA over an NF4 + double-quantized base. A table adds
+what it varies beyond the mode (a learning rate, a compute dtype).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+MODES: dict[str, dict[str, Any]] = {
+  "full": {
+    "train.mode": "full",
+    "quant.data_type": "none",
+    "lora.enabled": False,
+  },
+  "lora_f32": {"quant.data_type": "none"},
+  "lora_bf16": {"quant.data_type": "none", "model.base_dtype": "bfloat16"},
+  "qlora_nf4_dq": {"quant.data_type": "nf4", "quant.double_quant": True},
+}
+
+
+def overrides(mode: str, extra: Mapping[str, Any] | None = None) -> dict:
+  """The dotted overrides of `mode`, followed by `extra`'s."""
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}, expected one of {list(MODES)}")
+  return {**MODES[mode], **(extra or {})}

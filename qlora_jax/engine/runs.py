@@ -1,0 +1,210 @@
+"""Exports of a training run: its adapters for PEFT, or its merged model.
+
+A run's workdir holds config.json, labels.json (classification) and
+checkpoints/. The base model is rebuilt from the config exactly as training
+built it (same plan, same quantization), and the trainable tree is restored
+from a checkpoint in its place.
+"""
+
+import dataclasses
+import json
+import pathlib
+import re
+from typing import Any
+
+import jax.numpy as jnp
+
+from qlora_jax import models
+from qlora_jax import nn as qnn
+from qlora_jax.engine import setup
+from qlora_jax.engine.checkpoint import Checkpoints
+from qlora_jax.engine.settings import Settings
+from qlora_jax.interop import hf_export, peft
+
+
+@dataclasses.dataclass
+class Run:
+  """A run's model with its trained variables.
+
+  Attributes:
+    settings: the run's settings (from its config.json).
+    lm: the rebuilt model; `lm.variables` hold the restored trainable tree.
+    spec: the model's config and task.
+    trainable: the restored trainable tree.
+    labels: {label: id} of a classification run, else None.
+    base: the base checkpoint folder, or None for a random-init run.
+    step: the checkpoint step.
+  """
+
+  settings: Settings
+  lm: models.Pretrained
+  spec: models.ModelSpec
+  trainable: dict
+  labels: dict[str, int] | None
+  base: pathlib.Path | None
+  step: int
+
+
+def _check_same(restored, built, where: str) -> None:
+  got = {p: tuple(v.shape) for p, v in qnn.flatten(restored).items()}
+  want = {p: tuple(v.shape) for p, v in qnn.flatten(built).items()}
+  extra = sorted("/".join(p) for p in set(got) - set(want))
+  missing = sorted("/".join(p) for p in set(want) - set(got))
+  if extra or missing:
+    raise ValueError(
+      f"{where}: the checkpoint does not fit the model its config.json "
+      f"builds: unexpected {extra[:4]}, missing {missing[:4]}"
+    )
+  for p, shape in want.items():
+    if got[p] != shape:
+      raise ValueError(
+        f"{where}: variable {'/'.join(p)} is {got[p]} in the checkpoint, "
+        f"{shape} in the model"
+      )
+
+
+def restore(workdir: str | pathlib.Path, step: int | None = None) -> Run:
+  """The run's model with the trainable tree of checkpoint `step` (latest
+  by default)."""
+  workdir = pathlib.Path(workdir)
+  config_file = workdir / "config.json"
+  if not config_file.is_file():
+    raise ValueError(f"--workdir: no config.json in {workdir}")
+  try:
+    settings = Settings.from_config(json.loads(config_file.read_text()))
+  except ValueError as e:
+    raise ValueError(f"{config_file}: {e}") from e
+  if not (workdir / "checkpoints").is_dir():
+    raise ValueError(f"--workdir: no checkpoints/ in {workdir}")
+  checkpoints = Checkpoints(workdir, keep=settings.train.keep_checkpoints)
+  step = checkpoints.latest_step() if step is None else step
+  if step is None or step not in checkpoints.all_steps():
+    raise ValueError(
+      f"{checkpoints.directory}: no checkpoint {step} (steps "
+      f"{checkpoints.all_steps()})"
+    )
+  state, meta = checkpoints.read(step)
+  checkpoints.close()
+  labels = meta.get("label_map")
+  lm = setup.load_model(settings, len(labels) if labels else None)
+  trainable, frozen = setup.split_variables(settings, lm.variables)
+  restored = state["params"]
+  _check_same(restored, trainable, f"{checkpoints.directory}/{step}")
+  restored = qnn.unflatten(
+    {p: jnp.asarray(v) for p, v in qnn.flatten(restored).items()}
+  )
+  lm.variables = qnn.merge_trees(restored, frozen)
+  m = settings.model
+  base = setup.resolve_checkpoint(m.checkpoint) if m.checkpoint else None
+  spec = models.ModelSpec(lm.config, m.task, len(labels) if labels else None)
+  return Run(settings, lm, spec, restored, labels, base, step)
+
+
+# Files an export writes (a sharded merge writes model-*.safetensors too).
+EXPORT_FILES = (
+  "adapter_config.json",
+  "adapter_model.safetensors",
+  "config.json",
+  "model.safetensors",
+  "model.safetensors.index.json",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "generation_config.json",
+  "labels.json",
+)
+
+
+def prepare_out(
+  out: str | pathlib.Path,
+  workdir: pathlib.Path,
+  base: pathlib.Path | None,
+  overwrite: bool,
+) -> pathlib.Path:
+  """Checks an export's destination; with `overwrite`, removes the files of
+  a previous export there (so no stale shard index survives).
+
+  Raises:
+    ValueError: `out` is the run's workdir or the base checkpoint's folder
+      (or holds one of them), or is not empty and `overwrite` is False.
+  """
+  out = pathlib.Path(out).absolute()
+  protected = [("the run's workdir", pathlib.Path(workdir).absolute())]
+  if base is not None:
+    protected.append(("the base checkpoint's folder", base.absolute()))
+  for what, folder in protected:
+    if out.resolve() == folder.resolve() or folder.resolve().is_relative_to(
+      out.resolve()
+    ):
+      raise ValueError(f"--out {out}: refusing to write into {what} {folder}")
+  if out.exists() and not out.is_dir():
+    raise ValueError(f"--out {out}: exists and is not a folder")
+  present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+  if present and not overwrite:
+    raise ValueError(
+      f"--out {out}: not empty ({', '.join(present[:5])}"
+      f"{'...' if len(present) > 5 else ''}); pass --overwrite to replace a "
+      "previous export"
+    )
+  if present:
+    for p in out.iterdir():
+      if p.is_file() and (
+        p.name in EXPORT_FILES or re.fullmatch(r"model-.*\.safetensors", p.name)
+      ):
+        p.unlink()
+  return out
+
+
+def export_adapter(
+  workdir: str | pathlib.Path,
+  out: str | pathlib.Path,
+  step: int | None = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
+  """Writes the run's adapters as a PEFT LoRA adapter; returns its config."""
+  run = restore(workdir, step)
+  out = prepare_out(out, pathlib.Path(workdir), run.base, overwrite)
+  if run.settings.train.mode == "full":
+    raise ValueError(
+      "train.mode 'full' trains every weight: there is no adapter to "
+      "export; export the merged model (--merged)"
+    )
+  base = str(run.base.resolve()) if run.base else ""
+  return peft.write_adapter(
+    out,
+    run.trainable,
+    run.lm.plan,
+    run.spec,
+    run.settings.model.scan_layers,
+    base,
+  )
+
+
+def export_merged(
+  workdir: str | pathlib.Path,
+  out: str | pathlib.Path,
+  dtype: str = "float32",
+  requantize: bool = False,
+  step: int | None = None,
+  overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes the run's merged model as a Hugging Face folder."""
+  run = restore(workdir, step)
+  out = prepare_out(out, pathlib.Path(workdir), run.base, overwrite)
+  merged, _ = hf_export.merge(run.lm.variables, run.lm.plan, requantize)
+  if run.base is not None and models.is_gguf(run.base):
+    raw = models.gguf_config(run.base)
+  elif run.base is not None:
+    raw = json.loads((run.base / "config.json").read_text())
+  else:
+    raw = dict(run.settings.model.hf_config)
+  return hf_export.write_merged(
+    out,
+    merged,
+    run.spec,
+    run.settings.model.scan_layers,
+    base=run.base,
+    raw_config=raw,
+    dtype=dtype,
+    labels=run.labels,
+  )

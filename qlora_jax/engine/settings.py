@@ -1,0 +1,426 @@
+"""A run's config, checked once and turned into typed settings.
+
+`Settings.from_config(config)` reads every field of an `ml_collections`
+config (configs/default.py has them all, with their defaults and a comment
+each) in one pass: a missing or unknown field, a value of the wrong type
+(a fractional rank, a string where a number belongs) or out of range is an
+error naming the field ("quant.block_size"); all such errors of a config
+are reported together. Nothing below the engine's setup sees the
+ConfigDict: models, data, the optimizer, checkpoints and the console take
+these values.
+"""
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from qlora_jax import quant
+from qlora_jax.nn import KERNELS
+
+CLASSIFICATION = "classification"
+CAUSAL_LM = "causal_lm"
+RUN_TASKS = (CLASSIFICATION, CAUSAL_LM)
+TRAIN_MODES = ("lora", "full")
+DATA_SOURCES = (
+  "stdlib_docstrings",
+  "stdlib_questions",
+  "jsonl",
+  "text",
+  "synthetic",
+)
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("constant", "linear", "cosine")
+TEXT_SPLITS = ("paragraph", "line")
+LORA_INITS = ("kaiming", "gaussian", "pissa", "loftq")
+
+
+class ConfigError(ValueError):
+  """Config fields that are missing, unknown, mistyped or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  checkpoint: str
+  task: str
+  dtype: str
+  base_dtype: str
+  scan_layers: bool
+  remat: bool
+  hf_config: dict
+  matmul_kernel: str
+  adapter: str
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+  data_type: str
+  block_size: int
+  double_quant: bool
+  targets: str | list
+  exclude: str
+
+  def plan_mapping(self) -> dict:
+    """The mapping `qlora_jax.nn.make_plan` takes."""
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+  enabled: bool
+  rank: int
+  alpha: float
+  targets: str | list
+  exclude: str
+  rank_pattern: dict
+  alpha_pattern: dict
+  rslora: bool
+  dropout: float
+  init: str
+  loftq_iters: int
+  dora: bool
+
+  def plan_mapping(self) -> dict:
+    """The mapping `qlora_jax.nn.make_plan` takes (without `enabled`)."""
+    out = dataclasses.asdict(self)
+    del out["enabled"]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  source: str
+  train_path: str
+  eval_path: str
+  max_length: int
+  packing: bool
+  instruction: bool
+  text_split: str
+  synthetic_examples: int
+  synthetic_eval_examples: int
+  eval_generate: int
+  max_new_tokens: int
+  questions_per_class: int
+  eval_questions_per_class: int
+
+
+@dataclasses.dataclass(frozen=True)
+class OptSettings:
+  learning_rate: float
+  schedule: str
+  warmup_ratio: float
+  warmup_steps: int
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  max_grad_norm: float
+  lora_plus_ratio: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  mode: str
+  train_modules: list
+  seed: int
+  batch_size: int
+  grad_accum: int
+  epochs: int
+  steps: int
+  eval_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  log_every: int
+  show_predictions: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  data: int
+  fsdp: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+  enabled: bool
+  coordinator_address: str | None
+  num_processes: int | None
+  process_id: int | None
+  cpu_collectives: str | None
+
+
+_SECTIONS = {
+  "model": ModelSettings,
+  "quant": QuantSettings,
+  "lora": LoraSettings,
+  "data": DataSettings,
+  "opt": OptSettings,
+  "train": TrainSettings,
+  "mesh": MeshSettings,
+  "distributed": DistributedSettings,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Every section of a run's config, typed and checked."""
+
+  model: ModelSettings
+  quant: QuantSettings
+  lora: LoraSettings
+  data: DataSettings
+  opt: OptSettings
+  train: TrainSettings
+  mesh: MeshSettings
+  distributed: DistributedSettings
+
+  @classmethod
+  def from_config(cls, config: Any) -> "Settings":
+    """Checks `config` (a ConfigDict or nested mapping) in one pass.
+
+    Raises:
+      ConfigError: one line per bad field, each naming it.
+    """
+    plain = _plain(config)
+    errors: list[str] = []
+    if not isinstance(plain, Mapping):
+      raise ConfigError(f"config: expected a mapping, got {type(plain)}")
+    for name in sorted(set(plain) - set(_SECTIONS)):
+      errors.append(f"{name}: unknown config section")
+    sections = {}
+    for name, kind in _SECTIONS.items():
+      if name not in plain or not isinstance(plain[name], Mapping):
+        errors.append(f"{name}: missing config section")
+        continue
+      section = _read_section(name, kind, plain[name], errors)
+      if section is not None:
+        sections[name] = section
+    _check(sections, errors)
+    if not errors:
+      return cls(**sections)
+    raise ConfigError("bad config:\n  " + "\n  ".join(errors))
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def lora_plan(self) -> dict | None:
+    """The adapters' `make_plan` mapping, or None for no adapters."""
+    if self.train.mode == "full" or not self.lora.enabled:
+      return None
+    return self.lora.plan_mapping()
+
+  def quant_plan(self) -> dict | None:
+    """The quantization's `make_plan` mapping, or None for a float base."""
+    if self.train.mode == "full":
+      return None
+    return self.quant.plan_mapping()
+
+  def train_patterns(self) -> list[str]:
+    """Regexes of base variables that train (every one in mode "full")."""
+    return (
+      [".*"] if self.train.mode == "full" else list(self.train.train_modules)
+    )
+
+
+def _check(sec: dict[str, Any], errors: list[str]) -> None:
+  """Range and consistency checks of the sections that parsed."""
+
+  def bad(field, message):
+    errors.append(f"{field}: {message}")
+
+  def choice(field, value, allowed):
+    if value not in allowed:
+      bad(field, f"unknown value {value!r}, expected one of {allowed}")
+
+  def at_least(field, value, low):
+    if value < low:
+      bad(field, f"must be >= {low}, got {value}")
+
+  m, q, lo, d, o, t, mesh = (
+    sec.get(k)
+    for k in ("model", "quant", "lora", "data", "opt", "train", "mesh")
+  )
+  if m:
+    choice("model.task", m.task, RUN_TASKS)
+    choice("model.dtype", m.dtype, DTYPES)
+    choice("model.base_dtype", m.base_dtype, DTYPES)
+    choice("model.matmul_kernel", m.matmul_kernel, KERNELS)
+    if not m.checkpoint and not m.hf_config:
+      bad(
+        "model.checkpoint",
+        "empty: set it, or set model.hf_config for a randomly initialised "
+        "model",
+      )
+    if m.adapter and not m.checkpoint:
+      bad("model.adapter", "needs model.checkpoint: the adapter's base")
+    if m.adapter and lo and t and (t.mode == "full" or not lo.enabled):
+      bad(
+        "model.adapter",
+        "is set, but lora.enabled is False or train.mode is 'full': an "
+        "adapter needs LoRA training",
+      )
+  if q:
+    if q.data_type != "none":
+      try:
+        quant.get_data_type(q.data_type)
+      except ValueError as e:
+        bad("quant.data_type", str(e))
+    at_least("quant.block_size", q.block_size, 1)
+  if lo:
+    at_least("lora.rank", lo.rank, 1)
+    at_least("lora.loftq_iters", lo.loftq_iters, 1)
+    choice("lora.init", lo.init, LORA_INITS)
+    if not 0.0 <= lo.dropout < 1.0:
+      bad("lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+  if d:
+    choice("data.source", d.source, DATA_SOURCES)
+    choice("data.text_split", d.text_split, TEXT_SPLITS)
+    at_least("data.max_length", d.max_length, 2)
+    at_least("data.synthetic_examples", d.synthetic_examples, 1)
+    at_least("data.synthetic_eval_examples", d.synthetic_eval_examples, 1)
+    at_least("data.eval_generate", d.eval_generate, 0)
+    at_least("data.max_new_tokens", d.max_new_tokens, 1)
+    if d.source in ("jsonl", "text"):
+      for field in ("train_path", "eval_path"):
+        if not getattr(d, field):
+          bad(f"data.{field}", f"empty, but data.source is {d.source!r}")
+    if d.source == "synthetic" and m and not m.hf_config.get("vocab_size"):
+      bad("data.source", "'synthetic' needs model.hf_config['vocab_size']")
+    if d.eval_generate and m and m.task != CAUSAL_LM:
+      bad("data.eval_generate", "answers by generation need a causal_lm")
+    if d.eval_generate and not d.instruction:
+      bad("data.eval_generate", "needs instruction data (data.instruction)")
+    if d.source == "stdlib_questions":
+      if not d.instruction:
+        bad("data.instruction", "data.source 'stdlib_questions' needs True")
+      if m and m.task != CAUSAL_LM:
+        bad("data.source", "'stdlib_questions' is a causal_lm task")
+    at_least("data.questions_per_class", d.questions_per_class, 1)
+    at_least("data.eval_questions_per_class", d.eval_questions_per_class, 1)
+  if o:
+    if o.learning_rate <= 0:
+      bad("opt.learning_rate", f"must be > 0, got {o.learning_rate}")
+    choice("opt.schedule", o.schedule, SCHEDULES)
+    if not 0.0 <= o.warmup_ratio <= 1.0:
+      bad("opt.warmup_ratio", f"must be in [0, 1], got {o.warmup_ratio}")
+    at_least("opt.warmup_steps", o.warmup_steps, 0)
+    at_least("opt.weight_decay", o.weight_decay, 0.0)
+    for field in ("b1", "b2"):
+      if not 0.0 <= getattr(o, field) < 1.0:
+        bad(f"opt.{field}", f"must be in [0, 1), got {getattr(o, field)}")
+    if o.eps <= 0:
+      bad("opt.eps", f"must be > 0, got {o.eps}")
+    at_least("opt.max_grad_norm", o.max_grad_norm, 0.0)
+    if o.lora_plus_ratio <= 0:
+      bad("opt.lora_plus_ratio", f"must be > 0, got {o.lora_plus_ratio}")
+  if t:
+    choice("train.mode", t.mode, TRAIN_MODES)
+    if t.mode == "full" and q and q.data_type != "none":
+      bad(
+        "quant.data_type",
+        "train.mode 'full' trains the base: set quant.data_type to 'none'",
+      )
+    for pattern in t.train_modules:
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        bad("train.train_modules", f"{pattern!r} is not a regex: {e}")
+    at_least("train.batch_size", t.batch_size, 1)
+    at_least("train.grad_accum", t.grad_accum, 1)
+    if t.grad_accum >= 1 and t.batch_size % t.grad_accum:
+      bad(
+        "train.batch_size",
+        f"{t.batch_size} is not divisible by train.grad_accum ({t.grad_accum})",
+      )
+    at_least("train.epochs", t.epochs, 0)
+    at_least("train.steps", t.steps, 0)
+    if not t.epochs and not t.steps:
+      bad("train.steps", "train.epochs and train.steps are both 0")
+    at_least("train.eval_every", t.eval_every, 0)
+    at_least("train.checkpoint_every", t.checkpoint_every, 0)
+    at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
+    at_least("train.log_every", t.log_every, 1)
+    at_least("train.show_predictions", t.show_predictions, 0)
+  if mesh:
+    for field in ("data", "fsdp"):
+      value = getattr(mesh, field)
+      if value != -1 and value < 1:
+        bad(f"mesh.{field}", f"must be -1 or >= 1, got {value}")
+    if mesh.data == -1 and mesh.fsdp == -1:
+      bad("mesh", "only one of mesh.data and mesh.fsdp may be -1")
+
+
+def _plain(cfg: Any) -> Any:
+  """ConfigDict / FrozenConfigDict -> plain dicts and lists."""
+  if hasattr(cfg, "to_dict"):
+    cfg = cfg.to_dict()
+  if isinstance(cfg, Mapping):
+    return {k: _plain(v) for k, v in cfg.items()}
+  if isinstance(cfg, (list, tuple)):
+    return [_plain(v) for v in cfg]
+  return cfg
+
+
+def _read_section(name: str, kind, values: Mapping, errors: list[str]):
+  hints = typing.get_type_hints(kind)
+  fields = [f.name for f in dataclasses.fields(kind)]
+  for key in sorted(set(values) - set(fields)):
+    errors.append(f"{name}.{key}: unknown config field")
+  out = {}
+  for field in fields:
+    where = f"{name}.{field}"
+    if field not in values:
+      errors.append(f"{where}: missing from the config")
+      continue
+    try:
+      out[field] = _coerce(values[field], hints[field], where)
+    except ConfigError as e:
+      errors.append(str(e))
+  if len(out) != len(fields):
+    return None
+  return kind(**out)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+  """`value` as type `hint`; ints must be whole, bools real bools."""
+  if isinstance(hint, types.UnionType):
+    kinds = typing.get_args(hint)
+    if value is None and type(None) in kinds:
+      return None
+    last = None
+    for kind in kinds:
+      if kind is type(None):
+        continue
+      try:
+        return _coerce(value, kind, where)
+      except ConfigError as e:
+        last = e
+    raise last
+  if hint is bool:
+    if isinstance(value, bool):
+      return value
+  elif hint is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if isinstance(value, float) and value.is_integer():
+      return int(value)
+    if isinstance(value, float):
+      raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+  elif hint is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+  elif hint is str:
+    if isinstance(value, str):
+      return value
+  elif hint is list:
+    if isinstance(value, (list, tuple)):
+      return list(value)
+  elif hint is dict:
+    if isinstance(value, Mapping):
+      return dict(value)
+  name = getattr(hint, "__name__", str(hint))
+  raise ConfigError(
+    f"{where}: expected {name}, got {type(value).__name__} {value!r}"
+  )

