@@ -13,7 +13,7 @@ examples at 64 tokens, 21 runs, about 1.5 hours. On a GPU/TPU add
 model and task (see the README).
 """
 
-from configs import default
+from configs import minilm_docstrings
 from qlora_jax.engine.modes import overrides
 
 METHODS = {
@@ -30,7 +30,7 @@ SEEDS = (0, 1, 2)
 
 
 def get_config():
-  c = default.get_config()
+  c = minilm_docstrings.get_config()
   c.train.epochs = 3
   return c
 

@@ -10,7 +10,7 @@ across ranks), 2 seeds: eval accuracy. Sized for 2 CPU cores: 3 epochs at
 64 tokens, 24 runs, about 1.5 hours.
 """
 
-from configs import default
+from configs import minilm_docstrings
 
 RANKS = (1, 2, 4, 8, 16, 64)
 TARGETS = {"q,v": ["query", "value"], "all linear": "all-linear"}
@@ -18,7 +18,7 @@ SEEDS = (0, 1)
 
 
 def get_config():
-  c = default.get_config()
+  c = minilm_docstrings.get_config()
   c.train.epochs = 3
   c.quant.data_type = "nf4"
   c.quant.double_quant = True

@@ -11,7 +11,7 @@ task, one seed. Sized for 2 CPU cores: 3 epochs at 64 tokens, 34 runs,
 about 2 hours.
 """
 
-from configs import default
+from configs import minilm_docstrings
 
 BITS = (2, 3, 4, 8)
 FAMILIES = ("nf", "int")
@@ -19,7 +19,7 @@ RANKS = (4, 16)
 
 
 def get_config():
-  c = default.get_config()
+  c = minilm_docstrings.get_config()
   c.train.epochs = 3
   c.quant.double_quant = True
   c.lora.loftq_iters = 5

@@ -13,7 +13,7 @@ its median time. On 2 CPU cores: about 10 minutes. With real models the
 same measurement comes from any run's final_metrics.json.
 """
 
-from configs import default
+from configs import minilm_docstrings
 from qlora_jax.engine.modes import overrides
 
 METHODS = {
@@ -25,7 +25,7 @@ METHODS = {
 
 
 def get_config():
-  c = default.get_config()
+  c = minilm_docstrings.get_config()
   c.model.checkpoint = ""
   c.model.task = "causal_lm"
   c.model.scan_layers = True

@@ -14,6 +14,8 @@ are never written. The base is rebuilt from RUN/config.json and the
 trainable tree restored from the latest checkpoint (or --step).
 """
 
+import sys
+
 from absl import app, flags
 
 from qlora_jax.engine import console, runs
@@ -37,6 +39,14 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
   del argv
   console.configure_logging()
+  try:
+    _export()
+  except ValueError as e:  # bad input: the message says all
+    sys.exit(f"error: {e}")
+  print(f"wrote {_OUT.value}")
+
+
+def _export() -> None:
   if _MERGED.value:
     runs.export_merged(
       _WORKDIR.value,
@@ -52,7 +62,6 @@ def main(argv):
     runs.export_adapter(
       _WORKDIR.value, _OUT.value, _STEP.value, overwrite=_OVERWRITE.value
     )
-  print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":

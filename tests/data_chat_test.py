@@ -117,3 +117,12 @@ def test_a_folder_s_chat_template_is_read(tmp_path):
     json.dumps({"chat_template": TEMPLATE})
   )
   assert data.Tokenizer.load(folder).chat_template == TEMPLATE
+
+
+def test_a_template_that_fails_names_the_row(tmp_path):
+  base = data.Tokenizer.load(FIXTURE)
+  broken = "{{ raise_exception('roles must alternate') }}"
+  tok = data.Tokenizer(base._tok, base.special, chat_template=broken)
+  e = data.ChatExample(tuple(CONVERSATION), "train.jsonl:7")
+  with pytest.raises(ValueError, match="train.jsonl:7: .*roles must alternate"):
+    data.chat_document(e, tok)

@@ -76,16 +76,23 @@ def test_logits_and_greedy_tokens_equal_transformers(lm, ref):
     want = ref["last_logits"][i]
     err = np.max(np.abs(logits - want)) / np.max(np.abs(want))
     assert err < 1e-4, (i, err)
-    new = models.generate(
-      lm.model,
-      lm.variables,
-      np.asarray([ids], np.int32),
-      np.ones((1, len(ids)), np.int32),
-      max_new_tokens=16,
-      eos_token_id=(),  # as the fixture: no end token, 16 argmax steps
-      pad_token_id=2,
-    )
-    np.testing.assert_array_equal(np.asarray(new)[0], ref["greedy_ids"][i])
+  # The three prompts left-padded into one batch (one compile): each row
+  # continues as transformers continued it alone.
+  width = max(len(p) for p in prompts)
+  ids = np.full((len(prompts), width), 2, np.int32)
+  mask = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+  new = models.generate(
+    lm.model,
+    lm.variables,
+    ids,
+    mask,
+    max_new_tokens=16,
+    eos_token_id=(),  # as the fixture: no end token, 16 argmax steps
+    pad_token_id=2,
+  )
+  np.testing.assert_array_equal(np.asarray(new), ref["greedy_ids"])
 
 
 def test_q_and_k_are_in_the_hugging_face_layout(lm, ref):

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from configs import minilm_docstrings as default
 from qlora_jax.engine import optim
 from qlora_jax.engine.settings import Settings
 

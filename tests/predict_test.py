@@ -171,3 +171,62 @@ def test_command_line(classifier):
     [w["probability"] for w in want],
     atol=1e-6,
   )
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+  """The tiny Llama with a chat template, tuned on prompt/completion pairs
+  rendered as chat turns."""
+  import shutil  # noqa: PLC0415
+
+  from tests.data_chat_test import TEMPLATE  # noqa: PLC0415
+
+  root = tmp_path_factory.mktemp("chat")
+  folder = root / "llama"
+  shutil.copytree(tiny_config.ROOT / "data/hf/llama_gqa", folder)
+  (folder / "tokenizer_config.json").write_text(
+    json.dumps({"chat_template": TEMPLATE})
+  )
+  with (root / "train.jsonl").open("w") as f:
+    for i in range(16):
+      text = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(3))
+      f.write(json.dumps({"prompt": text, "completion": text}) + "\n")
+  (root / "eval.jsonl").write_text((root / "train.jsonl").read_text())
+  config = tiny_config.get_config(str(root))
+  config.model.checkpoint = str(folder)
+  config.model.task = "causal_lm"
+  config.data.instruction = True
+  config.data.max_length = 24
+  config.train.steps = 4
+  config.opt.learning_rate = 1e-2
+  train.train_and_evaluate(config, str(root / "run"))
+  return root / "run"
+
+
+def test_chat_streams_what_batched_generation_gives(chat_model):
+  p = predict.load(chat_model)
+  messages = [{"role": "user", "content": "the of and"}]
+  streamed = "".join(predict.chat_reply(p, messages, max_new_tokens=6))
+  # The same prompt through batched greedy generation (complete renders a
+  # prompt as one user turn with the template, as chat does).
+  (batched,) = predict.complete(p, ["the of and"], max_new_tokens=6)
+  assert streamed == batched
+  # The command line: a line in, the streamed answer out, an empty line ends.
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.predict",
+      f"--workdir={chat_model}",
+      "--chat",
+      "--max_new_tokens=6",
+    ],
+    cwd=ROOT,
+    input="the of and\n\n",
+    capture_output=True,
+    text=True,
+    check=False,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"> {streamed}\n" in proc.stdout

@@ -9,7 +9,7 @@ import json
 import pathlib
 import random
 
-from configs import default
+from configs import minilm_docstrings
 
 ROOT = pathlib.Path(__file__).resolve().parent
 FIRST = "the of and to in is was for on that with as by at from it".split()
@@ -31,7 +31,7 @@ def write_dataset(folder, n_train: int = 48, n_eval: int = 16) -> None:
 
 
 def get_config(data_dir: str = ""):
-  c = default.get_config()
+  c = minilm_docstrings.get_config()
   c.model.checkpoint = str(ROOT / "data" / "hf" / "bert")
   c.data.source = "jsonl"
   c.data.train_path = str(pathlib.Path(data_dir) / "train.jsonl")

@@ -53,14 +53,15 @@ def _report_parts(stdout: str) -> list[str]:
   return parts
 
 
-def test_main_job_shrunk_prints_its_report_and_learns(tmp_path):
-  # The README's main job through its command line, 20 steps instead of
+def test_minilm_job_shrunk_prints_its_report_and_learns(tmp_path):
+  # The MiniLM classifier through the command line, 20 steps instead of
   # ~215: stdout is the report and nothing else, no log record anywhere.
   workdir = tmp_path / "run"
   cmd = [
     sys.executable,
     "-m",
     "experiments.train",
+    "--config=configs/minilm_docstrings.py",
     "--config.train.steps=20",
     "--config.train.eval_every=20",
     f"--workdir={workdir}",
@@ -203,3 +204,45 @@ def test_instruction_tuning_answers_by_generation(tmp_path):
   assert final["answer_accuracy"] == pytest.approx(right, abs=1e-12)
   summary = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
   assert summary["zero_shot_answer_accuracy"] == evals[0]["answer_accuracy"]
+
+
+def test_main_job_shrunk_instruction_tunes_smollm2(tmp_path, capsys):
+  # configs/default.py (the real SmolLM2 GGUF in NF4 + DQ, LoRA on all 210
+  # linear layers) for 2 steps on 16 questions, 8 answered by generation.
+  from configs import default  # noqa: PLC0415
+
+  config = default.get_config()
+  config.data.questions_per_class = 2
+  config.data.eval_questions_per_class = 1
+  config.data.eval_generate = 8
+  config.train.steps = 2
+  config.train.eval_every = 2
+  final = train.train_and_evaluate(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert (
+    "210 with adapters, 210 quantized (nf4, block 64 + double quant)" in out
+  )
+  assert "1.22M of 135.74M (0.90%)" in out
+  assert "predictions (eval): prompt -> generated answer" in out
+  evals = [
+    r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"
+  ]
+  assert [r["step"] for r in evals] == [0, 2]  # zero-shot, then tuned
+  # Two steps on the answers alone already lower the eval loss on them.
+  assert evals[1]["loss"] < evals[0]["loss"]
+  rows = [
+    json.loads(line)
+    for line in (tmp_path / "predictions.jsonl").read_text().splitlines()
+  ]
+  assert len(rows) == 8
+  assert {r["answer"] for r in rows} <= set(data_packages())
+  right = sum(
+    r["generated"].strip().rstrip(".").lower() == r["answer"] for r in rows
+  )
+  assert final["answer_accuracy"] == pytest.approx(right / 8, abs=1e-12)
+
+
+def data_packages():
+  from qlora_jax.data.stdlib_docstrings import PACKAGES  # noqa: PLC0415
+
+  return PACKAGES

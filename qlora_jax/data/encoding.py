@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qlora_jax.data import arrays
+from qlora_jax.data import arrays, chat
 from qlora_jax.data.labels import LabelMap
 from qlora_jax.data.readers import (
   ChatExample,
@@ -131,13 +131,20 @@ def chat_document(
       f"{e.where}: a chat example needs a tokenizer with a chat template"
     )
   messages = chat_messages(e)
-  text = tokenizer.apply_chat_template(messages, False)
+
+  def render(part, generation_prompt):
+    try:
+      return tokenizer.apply_chat_template(part, generation_prompt)
+    except chat.TemplateError as err:
+      raise ValueError(f"{e.where}: {err}") from err
+
+  text = render(messages, False)
   spans = []
   for i, m in enumerate(messages):
     if m["role"] != "assistant":
       continue
-    before = tokenizer.apply_chat_template(messages[:i], True) if i else ""
-    through = tokenizer.apply_chat_template(messages[: i + 1], False)
+    before = render(messages[:i], True) if i else ""
+    through = render(messages[: i + 1], False)
     if not (text.startswith(before) and text.startswith(through)):
       raise ValueError(
         f"{e.where}: the chat template does not render message {i} as a "

@@ -61,17 +61,23 @@ QUESTION = (
   "Which Python standard-library package is this docstring from? Answer "
   "with one word: " + ", ".join(PACKAGES) + ".\n\nDocstring: "
 )
+QUESTION_CHARS = 200  # docstrings in questions are cut to this (words kept)
 
 
 def question_rows(rows: list[dict], per_class: int) -> list[dict]:
   """The first `per_class` rows of each label as instruction rows: the
-  docstring asked as `QUESTION`, the package name as the completion."""
+  docstring (cut to `QUESTION_CHARS` at a word boundary) asked as
+  `QUESTION`, the package name as the completion."""
   counts = dict.fromkeys(PACKAGES, 0)
   out = []
   for row in rows:
     if counts[row["label"]] < per_class:
       counts[row["label"]] += 1
-      out.append({"prompt": QUESTION + row["text"], "completion": row["label"]})
+      text = row["text"]
+      if len(text) > QUESTION_CHARS:
+        cut = text.rfind(" ", 0, QUESTION_CHARS + 1)
+        text = text[: cut if cut > 0 else QUESTION_CHARS]
+      out.append({"prompt": QUESTION + text, "completion": row["label"]})
   return out
 
 

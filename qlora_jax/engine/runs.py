@@ -63,17 +63,27 @@ def _check_same(restored, built, where: str) -> None:
       )
 
 
+def read_settings(workdir: str | pathlib.Path) -> Settings:
+  """The settings a run's workdir recorded (its config.json)."""
+  config_file = pathlib.Path(workdir) / "config.json"
+  if not config_file.is_file():
+    raise ValueError(f"--workdir: no config.json in {workdir}")
+  try:
+    return Settings.from_config(json.loads(config_file.read_text()))
+  except ValueError as e:
+    raise ValueError(f"{config_file}: {e}") from e
+
+
+def _base_of(settings: Settings) -> pathlib.Path | None:
+  m = settings.model
+  return setup.resolve_checkpoint(m.checkpoint) if m.checkpoint else None
+
+
 def restore(workdir: str | pathlib.Path, step: int | None = None) -> Run:
   """The run's model with the trainable tree of checkpoint `step` (latest
   by default)."""
   workdir = pathlib.Path(workdir)
-  config_file = workdir / "config.json"
-  if not config_file.is_file():
-    raise ValueError(f"--workdir: no config.json in {workdir}")
-  try:
-    settings = Settings.from_config(json.loads(config_file.read_text()))
-  except ValueError as e:
-    raise ValueError(f"{config_file}: {e}") from e
+  settings = read_settings(workdir)
   if not (workdir / "checkpoints").is_dir():
     raise ValueError(f"--workdir: no checkpoints/ in {workdir}")
   checkpoints = Checkpoints(workdir, keep=settings.train.keep_checkpoints)
@@ -162,8 +172,9 @@ def export_adapter(
   overwrite: bool = False,
 ) -> dict[str, Any]:
   """Writes the run's adapters as a PEFT LoRA adapter; returns its config."""
+  base = _base_of(read_settings(workdir))
+  out = prepare_out(out, pathlib.Path(workdir), base, overwrite)
   run = restore(workdir, step)
-  out = prepare_out(out, pathlib.Path(workdir), run.base, overwrite)
   if run.settings.train.mode == "full":
     raise ValueError(
       "train.mode 'full' trains every weight: there is no adapter to "
@@ -189,8 +200,9 @@ def export_merged(
   overwrite: bool = False,
 ) -> pathlib.Path:
   """Writes the run's merged model as a Hugging Face folder."""
+  base = _base_of(read_settings(workdir))
+  out = prepare_out(out, pathlib.Path(workdir), base, overwrite)
   run = restore(workdir, step)
-  out = prepare_out(out, pathlib.Path(workdir), run.base, overwrite)
   merged, _ = hf_export.merge(run.lm.variables, run.lm.plan, requantize)
   if run.base is not None and models.is_gguf(run.base):
     raw = models.gguf_config(run.base)
