@@ -1,15 +1,21 @@
 """Training throughput and peak memory, side by side with PEFT + bitsandbytes.
 
 python -m experiments.bench_train [--steps 10 --warmup 3]
+python -m experiments.bench_train --shape smollm2 [--modes qlora_nf4_dq]
 
-A Llama-shaped model (hidden 512, 4 layers, 8 heads, MLP 1408, vocab
-32,000; random weights written once as a Hugging Face folder), batch 4 x 128
-tokens, AdamW, LoRA r=16 on every linear layer: full fine-tune, LoRA over an
-f32 and a bf16 base, and QLoRA NF4 + double quantization, each in its own
-process. When torch, transformers, peft and bitsandbytes import (the peers
-extra), the same four run with PEFT + bitsandbytes in the same invocation,
-alternating with ours. Prints tokens/s (median step after warm-up) and peak
-RSS per run and the ratios; the last line is one JSON object.
+--shape small (the default): a Llama-shaped model (hidden 512, 4 layers,
+8 heads, MLP 1408, vocab 32,000; random weights written once as a Hugging
+Face folder), batch 4 x 128 tokens. --shape smollm2: the real
+SmolLM2-135M-Instruct (its GGUF file converted to a float32 Hugging Face
+folder with experiments.convert's code, so both sides load the same
+weights), batch 8 x 256 tokens (packed rows: every position is a token).
+Either way AdamW, LoRA r=16 on every linear layer: full fine-tune, LoRA
+over an f32 and a bf16 base, and QLoRA NF4 + double quantization, each in
+its own process. When torch, transformers, peft and bitsandbytes import
+(the peers extra), the same modes run with PEFT + bitsandbytes in the same
+invocation, alternating with ours. Prints tokens/s (median step after
+warm-up) and peak RSS per run and the ratios; the last line is one JSON
+object.
 """
 
 import json
@@ -20,9 +26,11 @@ import tempfile
 
 from absl import app, flags
 
+from qlora_jax import models
 from qlora_jax.bench import train as bench_train
 from qlora_jax.engine import console
 from qlora_jax.engine.modes import MODES
+from qlora_jax.interop import gguf_convert
 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per run.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
@@ -35,6 +43,10 @@ _REMAT = flags.DEFINE_bool(
   "without gradient checkpointing).",
 )
 _SCAN = flags.DEFINE_bool("scan_layers", True, "Ours: nn.scan over blocks.")
+_SHAPE = flags.DEFINE_enum(
+  "shape", "small", ["small", "smollm2"], "The model and batch (see above)."
+)
+SHAPES = {"small": (4, 128), "smollm2": (8, 256)}  # (batch, tokens per row)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: IMPL:MODE:CKPT.")
 
 _PEER_IMPORTS = "import torch, transformers, peft, bitsandbytes"
@@ -43,7 +55,9 @@ GiB = 2**30
 
 def _worker(spec: str) -> None:
   impl, mode, checkpoint = spec.split(":", 2)
+  batch, seq = SHAPES[_SHAPE.value]
   kwargs = {"steps_timed": _STEPS.value, "warmup": _WARMUP.value}
+  kwargs |= {"batch": batch, "seq": seq}
   if impl == "ours":
     result = bench_train.train_throughput(
       mode, checkpoint, remat=_REMAT.value, scan_layers=_SCAN.value, **kwargs
@@ -65,6 +79,7 @@ def _run(impl: str, mode: str, checkpoint: str) -> dict:
     f"--warmup={_WARMUP.value}",
     f"--remat={_REMAT.value}",
     f"--scan_layers={_SCAN.value}",
+    f"--shape={_SHAPE.value}",
   ]
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if proc.returncode != 0:
@@ -90,7 +105,10 @@ def main(argv):
   peers = _peers_available()
   results: dict[str, dict] = {}
   with tempfile.TemporaryDirectory() as tmp:
-    bench_train.write_random_llama(tmp, bench_train.llama_config())
+    if _SHAPE.value == "smollm2":
+      gguf_convert.convert(models.smollm2_path(), tmp)
+    else:
+      bench_train.write_random_llama(tmp, bench_train.llama_config())
     for mode in _MODES.value:
       impls = ["ours", "peft"] if peers else ["ours"]
       for impl in impls:
@@ -122,6 +140,8 @@ def main(argv):
     print(
       f"QLoRA vs PEFT + bitsandbytes: {tok:.2f}x tokens/s, {rss:.2f}x peak RSS"
     )
+  summary["shape"] = _SHAPE.value
+  summary["batch"], summary["tokens_per_row"] = SHAPES[_SHAPE.value]
   summary["peers"] = peers
   summary["cpu_count"] = os.cpu_count()
   print(json.dumps(summary))

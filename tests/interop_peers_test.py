@@ -115,3 +115,84 @@ def test_transformers_loads_the_nf4_merged_model(tmp_path):
   unmerged = lm.model.apply(lm.variables, IDS)
   print(f"nf4 merged vs unmerged (ours): {rel_error(unmerged, theirs):.2e}")
   assert rel_error(unmerged, theirs) <= TOL
+
+
+# The real SmolLM2-135M-Instruct: a run of the main job (LoRA r=4 on all
+# 210 linear layers over the float GGUF weights, 2 steps at a learning rate
+# that moves the adapters well off zero), its PEFT adapter over the folder
+# experiments.convert writes, and its merged GGUF export in transformers.
+PROMPTS = [
+  "<|im_start|>user\nWhich standard-library package parses JSON?<|im_end|>\n",
+  "def fibonacci(n):\n    if n < 2:\n        return n\n",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory):
+  from configs import default  # noqa: PLC0415
+  from qlora_jax.engine import runs, train  # noqa: PLC0415
+  from qlora_jax.interop import gguf_convert  # noqa: PLC0415
+
+  config = default.get_config()
+  config.quant.data_type = "none"
+  config.data.questions_per_class = 2
+  config.data.eval_questions_per_class = 1
+  config.data.eval_generate = 0
+  config.train.steps = 2
+  config.train.eval_every = 2
+  config.opt.learning_rate = 2e-2
+  work = tmp_path_factory.mktemp("smollm2")
+  train.train_and_evaluate(config, str(work / "run"))
+  folder = gguf_convert.convert(models.smollm2_path(), work / "hf")
+  restored = runs.restore(work / "run")
+  tok = models.gguf_tokenizer(models.smollm2_path()).tokenizer
+  ids = [tok.encode(p).ids for p in PROMPTS]
+  n = min(len(i) for i in ids)
+  ids = np.array([i[:n] for i in ids])
+  ours = np.asarray(restored.lm.model.apply(restored.lm.variables, ids))
+  return work, folder, ids, ours
+
+
+def test_peft_loads_a_smollm2_runs_adapter_over_the_converted_folder(
+  smollm2_run,
+):
+  from qlora_jax.engine import runs  # noqa: PLC0415
+
+  work, folder, ids, ours = smollm2_run
+  runs.export_adapter(work / "run", work / "adapter")
+  model = peft.PeftModel.from_pretrained(_hf(folder), str(work / "adapter"))
+  with torch.no_grad():
+    theirs = model.eval()(torch.tensor(ids)).logits.numpy()
+    with model.disable_adapter():
+      plain = model(torch.tensor(ids)).logits.numpy()
+  err = rel_error(ours, theirs)
+  print(f"smollm2 adapter: PEFT vs ours max rel error {err:.2e}")
+  assert err <= TOL
+  print(f"smollm2 adapter: adapted vs base {rel_error(plain, theirs):.2e}")
+  assert rel_error(plain, theirs) > 1e-3  # the adapters are not zero
+
+
+def test_transformers_loads_a_smollm2_runs_gguf_export(smollm2_run):
+  from qlora_jax.engine import runs  # noqa: PLC0415
+
+  work, _, ids, ours = smollm2_run
+  out = runs.export_gguf(work / "run", work / "gguf" / "merged.gguf")
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+    str(out.parent),
+    gguf_file=out.name,
+    dtype=torch.float32,
+    attn_implementation="eager",
+  ).eval()
+  with torch.no_grad():
+    theirs = model(torch.tensor(ids)).logits.numpy()
+  err = rel_error(ours, theirs)
+  print(f"smollm2 merged GGUF: transformers vs ours max rel error {err:.2e}")
+  assert err <= TOL
+  tok = transformers.AutoTokenizer.from_pretrained(
+    str(out.parent), gguf_file=out.name
+  )
+  want = models.gguf_tokenizer(models.smollm2_path())
+  assert tok.chat_template == want.chat_template
+  assert [tok(p)["input_ids"] for p in PROMPTS] == [
+    want.tokenizer.encode(p).ids for p in PROMPTS
+  ]

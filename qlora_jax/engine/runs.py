@@ -19,7 +19,7 @@ from qlora_jax import nn as qnn
 from qlora_jax.engine import setup
 from qlora_jax.engine.checkpoint import Checkpoints
 from qlora_jax.engine.settings import Settings
-from qlora_jax.interop import hf_export, peft
+from qlora_jax.interop import gguf_export, hf_export, naming, peft
 
 
 @dataclasses.dataclass
@@ -220,3 +220,46 @@ def export_merged(
     dtype=dtype,
     labels=run.labels,
   )
+
+
+def export_gguf(
+  workdir: str | pathlib.Path,
+  out: str | pathlib.Path,
+  dtype: str = "float32",
+  step: int | None = None,
+  overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes the run's merged model as one GGUF file (`out`), with the base
+  GGUF file's metadata, tokenizer and chat template.
+
+  Raises:
+    ValueError: the run's base is not a GGUF file, `out` exists (without
+      `overwrite`) or is the base file, or as `interop.write_gguf`.
+  """
+  base = _base_of(read_settings(workdir))
+  if base is None or not models.is_gguf(base):
+    raise ValueError(
+      f"--gguf: the run's base checkpoint is {base or 'a random init'}: a "
+      "GGUF export copies its metadata and tokenizer from a GGUF base "
+      "(model.checkpoint = FILE.gguf or smollm2); export a Hugging Face "
+      "folder with --merged --out DIR instead"
+    )
+  out = pathlib.Path(out).absolute()
+  if out.suffix != ".gguf":
+    raise ValueError(f"--gguf {out}: the file name must end in .gguf")
+  if out.exists() and out.resolve() == base.resolve():
+    raise ValueError(f"--gguf {out}: refusing to overwrite the base checkpoint")
+  if out.exists() and (out.is_dir() or not overwrite):
+    raise ValueError(
+      f"--gguf {out}: exists; pass --overwrite to replace a previous export"
+    )
+  if dtype not in gguf_export.TYPES:
+    raise ValueError(
+      f"--dtype: {dtype!r}, expected one of {list(gguf_export.TYPES)}"
+    )
+  out.parent.mkdir(parents=True, exist_ok=True)
+  run = restore(workdir, step)
+  merged, _ = hf_export.merge(run.lm.variables, run.lm.plan)
+  names = naming.Names(run.spec, run.settings.model.scan_layers)
+  tensors, _, _ = hf_export.merged_tensors(merged, names, "float32")
+  return gguf_export.write_gguf(out, tensors, base, dtype)

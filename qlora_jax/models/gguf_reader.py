@@ -247,7 +247,42 @@ def hf_name(name: str) -> str:
   return name
 
 
-def _expected_shape(key: str, cfg: dict[str, Any]) -> tuple[int, ...] | None:
+def gguf_name(key: str) -> str:
+  """The llama.cpp name of a transformers tensor (inverse of `hf_name`).
+
+  Raises:
+    KeyError: a tensor llama.cpp's llama/qwen2 layout has no name for.
+  """
+  top = {v: k for k, v in _TOP_NAMES.items()}
+  if key in top:
+    return top[key]
+  block = {v: k for k, v in _BLOCK_NAMES.items()}
+  m = re.fullmatch(r"model\.layers\.(\d+)\.(\w+\.\w+|\w+)\.(weight|bias)", key)
+  if m is None or m[2] not in block:
+    raise KeyError(f"tensor {key!r} has no GGUF name")
+  return f"blk.{m[1]}.{block[m[2]]}.{m[3]}"
+
+
+def permuted_heads(arch: str, key: str, config: dict[str, Any]) -> int | None:
+  """Heads of a q/k tensor that llama.cpp stores permuted, else None."""
+  if not ARCHITECTURES[arch][2]:
+    return None
+  m = re.search(r"\.(q|k)_proj\.(weight|bias)$", key)
+  if m is None:
+    return None
+  kind = "num_attention_heads" if m[1] == "q" else "num_key_value_heads"
+  return config[kind]
+
+
+def permute_rows(array: np.ndarray, heads: int) -> np.ndarray:
+  """Rows (first axis) in llama.cpp's rotary order: inverse of what `read`
+  undoes (`LlamaModel.permute` of convert_hf_to_gguf.py)."""
+  out = np.empty_like(array)
+  out[_unpermuted_rows(array.shape[0], heads)] = array
+  return out
+
+
+def expected_shape(key: str, cfg: dict[str, Any]) -> tuple[int, ...] | None:
   """The Hugging Face shape of tensor `key` under `cfg` (None: unknown)."""
   hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
   head_dim = cfg.get("head_dim", hidden // cfg["num_attention_heads"])
@@ -299,17 +334,15 @@ class GGUFCheckpoint:
     f = _as_file(source)
     self.path, self.folder = f.path, f.path.parent
     self.config = gguf_config(f)
-    _, _, permuted = ARCHITECTURES[f.architecture]
     self._tensors: dict[str, TensorInfo] = {}
     self._heads: dict[str, int] = {}  # key -> heads of a permuted tensor
     for t in f.tensors.values():
       key = hf_name(t.name)
       self._check(key, t)
       self._tensors[key] = t
-      if permuted and re.search(r"\.(q|k)_proj\.(weight|bias)$", key):
-        q = ".q_proj." in key
-        kind = "num_attention_heads" if q else "num_key_value_heads"
-        self._heads[key] = self.config[kind]
+      heads = permuted_heads(f.architecture, key, self.config)
+      if heads:
+        self._heads[key] = heads
     self.where = {k: self.path for k in self._tensors}
 
   def _check(self, key: str, t: TensorInfo) -> None:
@@ -320,7 +353,7 @@ class GGUFCheckpoint:
       raise CheckpointError(
         f"{what} has type {t.qtype.name}, which gguf cannot dequantize"
       )
-    want = _expected_shape(key, self.config)
+    want = expected_shape(key, self.config)
     shape = tuple(reversed(t.dims))
     if want is not None and shape != want:
       raise CheckpointError(

@@ -1,0 +1,161 @@
+"""Merged models out to GGUF files, llama.cpp's format.
+
+`write_gguf` writes the tensors of a llama / qwen2 model (transformers'
+names and layouts, as `hf_export.merged_tensors` gives them) as one GGUF
+file that llama.cpp, transformers (`gguf_file=`) and our own reader load:
+
+- the metadata of the base GGUF file (architecture, hyperparameters,
+  tokenizer vocabulary and merges, special tokens, chat template) copied
+  key by key with its stored types; `general.file_type` says the new type;
+- tensors under llama.cpp's names, q/k rows put back in llama.cpp's rotary
+  order (`gguf_reader.permute_rows`);
+- matrices in the chosen type: F32, F16, BF16 or Q8_0 (converted by the
+  `gguf` package's own NumPy quantizer, as llama.cpp's converter does);
+  norms and biases in F32, as llama.cpp keeps them;
+- a `RawTensor` (GGML blocks made elsewhere, e.g. the Q4_1 codes of a
+  QA-LoRA merge) as it is, with no requantization.
+
+The header and tensor table are written first, then one tensor at a time,
+each encoded just before it is written; the file appears under its name
+only when complete.
+"""
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Mapping
+
+import gguf
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGUFValueType
+from gguf.constants import GGMLQuantizationType as Q
+
+from qlora_jax.models import gguf_reader
+
+TYPES = {"float32": Q.F32, "float16": Q.F16, "bfloat16": Q.BF16, "q8_0": Q.Q8_0}
+# llama.cpp's LlamaFileType of a file whose matrices are mostly of a type.
+FILE_TYPES = {Q.F32: 0, Q.F16: 1, Q.Q4_0: 2, Q.Q4_1: 3, Q.Q8_0: 7, Q.BF16: 32}
+# Keys the writer sets itself, or that describe the file rather than the model.
+_NOT_COPIED = {"general.architecture", "general.file_type", "general.alignment"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RawTensor:
+  """A tensor already in GGML blocks.
+
+  Attributes:
+    qtype: its GGML type (e.g. Q4_1).
+    data: uint8 [rows, bytes per row], rows in Hugging Face order.
+    shape: the Hugging Face shape [rows, columns] of the values.
+  """
+
+  qtype: Q
+  data: np.ndarray
+  shape: tuple[int, ...]
+
+
+def _stored_type(key: str, value, qtype: Q) -> Q:
+  if isinstance(value, RawTensor):
+    return value.qtype
+  if np.ndim(value) < 2:
+    return Q.F32
+  block, _ = GGML_QUANT_SIZES[qtype]
+  if value.shape[-1] % block:
+    raise ValueError(
+      f"tensor {key!r}: rows of {value.shape[-1]} are not whole {qtype.name} "
+      f"blocks of {block}; choose another --dtype"
+    )
+  return qtype
+
+
+def _info(value, qtype: Q) -> tuple[tuple[int, ...], np.dtype, int]:
+  """(shape as given to the writer, its dtype, bytes) of a stored tensor."""
+  shape = tuple(value.shape)
+  if qtype in (Q.F32, Q.F16):
+    dtype = np.dtype(np.float32 if qtype == Q.F32 else np.float16)
+    return shape, dtype, int(np.prod(shape)) * dtype.itemsize
+  byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+  return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
+def _encode(value, qtype: Q, heads: int | None) -> np.ndarray:
+  """The bytes (or F32/F16 values) of one tensor, rows in llama.cpp order."""
+  if isinstance(value, RawTensor):
+    data = value.data
+  elif qtype == Q.F32:
+    data = np.ascontiguousarray(value, np.float32)
+  elif qtype == Q.F16:
+    data = np.asarray(value, np.float32).astype(np.float16)
+  else:
+    data = gguf.quants.quantize(np.asarray(value, np.float32), qtype)
+  if heads:
+    data = gguf_reader.permute_rows(data, heads)
+  return np.ascontiguousarray(data)
+
+
+def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
+  for key, field in reader.fields.items():
+    if key.startswith("GGUF.") or key in _NOT_COPIED:
+      continue
+    vtype = field.types[0]
+    sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+    writer.add_key_value(key, field.contents(), vtype, sub)
+
+
+def write_gguf(
+  path: str | pathlib.Path,
+  tensors: Mapping[str, "np.ndarray | RawTensor"],
+  base: str | pathlib.Path,
+  dtype: str = "float32",
+) -> pathlib.Path:
+  """Writes `tensors` (HF names) as the GGUF file `path`, with the metadata
+  of the GGUF file `base` (the model they were trained from).
+
+  Raises:
+    ValueError: an unknown `dtype`, a tensor with no GGUF name or of a
+      shape the base's metadata does not give, rows that are not whole
+      blocks of the type.
+    CheckpointError: `base` is not a readable GGUF file of a supported
+      architecture.
+  """
+  if dtype not in TYPES:
+    raise ValueError(f"--dtype: {dtype!r}, expected one of {list(TYPES)}")
+  qtype = TYPES[dtype]
+  base_file = gguf_reader.read_gguf(base)
+  config = gguf_reader.gguf_config(base_file)
+  arch = base_file.architecture
+  plan = []  # (gguf name, value, stored type, heads)
+  for key, value in tensors.items():
+    try:
+      name = gguf_reader.gguf_name(key)
+    except KeyError as e:
+      raise ValueError(str(e.args[0])) from None
+    want = gguf_reader.expected_shape(key, config)
+    if want is not None and tuple(value.shape) != want:
+      raise ValueError(
+        f"tensor {key!r} has shape {tuple(value.shape)}, but {base} "
+        f"gives {want}"
+      )
+    kind = _stored_type(key, value, qtype)
+    plan.append(
+      (name, value, kind, gguf_reader.permuted_heads(arch, key, config))
+    )
+  matrices = {kind for _, v, kind, _ in plan if len(v.shape) == 2}
+  path = pathlib.Path(path)
+  partial = path.with_name(path.name + ".partial")
+  writer = gguf.GGUFWriter(str(partial), arch)
+  _copy_metadata(gguf.GGUFReader(base), writer)
+  if len(matrices) == 1 and next(iter(matrices)) in FILE_TYPES:
+    writer.add_file_type(FILE_TYPES[matrices.pop()])
+  for name, value, kind, _ in plan:
+    shape, stored, nbytes = _info(value, kind)
+    raw = None if kind in (Q.F32, Q.F16) else kind
+    writer.add_tensor_info(name, shape, stored, nbytes, raw_dtype=raw)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_ti_data_to_file()
+  for _, value, kind, heads in plan:
+    writer.write_tensor_data(_encode(value, kind, heads))
+  writer.close()
+  os.replace(partial, path)
+  return path
