@@ -52,6 +52,7 @@ def get_config() -> config_dict.ConfigDict:
   c.lora.init = "kaiming"  # kaiming | gaussian | pissa | loftq
   c.lora.loftq_iters = 1
   c.lora.dora = False
+  c.lora.qa = False  # QA-LoRA: needs quant.data_type "int<k>_asym"
 
   c.data = config_dict.ConfigDict()
   # stdlib_docstrings | stdlib_questions | jsonl | text | synthetic

@@ -171,11 +171,13 @@ def write_gguf(
   add_eos: bool = False,
   pre: str = "gpt2",
   raw: dict[str, np.ndarray] | None = None,
+  kind_of=None,
 ) -> pathlib.Path:
   """A GGUF file of `tensors` (HF names/layouts), permuted for llama.
 
   `skip` leaves out metadata (by GGUFWriter method); `raw` adds tensors
-  under GGUF names as they are.
+  under GGUF names as they are; `kind_of` (key -> type) replaces the mix
+  of stored types of `qtype_of`.
   """
   w = gguf.GGUFWriter(str(path), arch)
   meta = {
@@ -210,7 +212,7 @@ def write_gguf(
       value = permute(value, HEADS)
     if arch == "llama" and ".k_proj." in key:
       value = permute(value, KV_HEADS)
-    kind = qtype_of(key)
+    kind = (kind_of or qtype_of)(key)
     data = gguf.quants.quantize(value, kind)
     packed = kind if data.dtype == np.uint8 else None
     w.add_tensor(gguf_name(key), data, raw_dtype=packed)

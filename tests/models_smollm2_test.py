@@ -121,3 +121,37 @@ def test_the_converted_folder_loads_to_the_same_logits(lm, path, ref, tmp_path):
   assert a.encode_batch(texts) == b.encode_batch(texts)
   del again
   jax.clear_caches()
+
+
+def test_q4_1_as_stored_and_an_exact_qa_lora_merge(path, ref):
+  # int4_asym in blocks of 32 is the file's own Q4_1: the weights load as
+  # stored (no requantization), so before training the model is the
+  # shipped one (the float reference, same 1e-4). QA-LoRA adapters (random,
+  # 0.1 N(0, 1)) merged into the block minimums give the adapted model's
+  # logits within 1e-5 (float32 rounding of m' and of d * q + m') and the
+  # same greedy tokens.
+  from qlora_jax import interop  # noqa: PLC0415
+  from tests.interop_helpers import randomize, rel_error  # noqa: PLC0415
+
+  q4_1 = {"data_type": "int4_asym", "block_size": 32, "double_quant": False}
+  lm = models.from_pretrained(
+    path, lora={"rank": 4, "qa": True}, quant=q4_1, scan_layers=True
+  )
+  ids = jnp.asarray([_split(ref["prompt_ids"], ref["prompt_offsets"])[0]])
+  logits = np.asarray(lm.model.apply(lm.variables, ids))[0, -1]
+  want = ref["last_logits"][0]
+  assert np.max(np.abs(logits - want)) / np.max(np.abs(want)) < 1e-4
+  lm = randomize(lm)
+  merged, plan = interop.merge(lm.variables, lm.plan, True)
+  model = interop.merged_model(lm.model, plan)
+  adapted = np.asarray(lm.model.apply(lm.variables, ids))
+  err = rel_error(model.apply(merged, ids), adapted)
+  print(f"SmolLM2 QA-LoRA exact merge vs adapter on base: {err:.2e}")
+  assert err <= 1e-5
+  kw = {"max_new_tokens": 8, "eos_token_id": (), "pad_token_id": 2}
+  mask = jnp.ones_like(ids)
+  np.testing.assert_array_equal(
+    models.generate(model, merged, ids, mask, **kw),
+    models.generate(lm.model, lm.variables, ids, mask, **kw),
+  )
+  assert rel_error(adapted[0, -1], want) > 1e-2  # the adapters matter

@@ -230,7 +230,9 @@ def export_gguf(
   overwrite: bool = False,
 ) -> pathlib.Path:
   """Writes the run's merged model as one GGUF file (`out`), with the base
-  GGUF file's metadata, tokenizer and chat template.
+  GGUF file's metadata, tokenizer and chat template. A QA-LoRA run is
+  merged exactly (see `qlora_jax.nn.merge`); over int4_asym in blocks of
+  32 its matrices are written as Q4_1 with their codes untouched.
 
   Raises:
     ValueError: the run's base is not a GGUF file, `out` exists (without
@@ -259,7 +261,10 @@ def export_gguf(
     )
   out.parent.mkdir(parents=True, exist_ok=True)
   run = restore(workdir, step)
-  merged, _ = hf_export.merge(run.lm.variables, run.lm.plan)
+  # QA-LoRA merges exactly into its base's block minimums (codes kept, and
+  # written as Q4_1 for int4_asym in blocks of 32); others merge in float.
+  exact = run.settings.lora_plan() is not None and run.settings.lora.qa
+  merged, _ = hf_export.merge(run.lm.variables, run.lm.plan, exact)
   names = naming.Names(run.spec, run.settings.model.scan_layers)
-  tensors, _, _ = hf_export.merged_tensors(merged, names, "float32")
+  tensors, _, _ = hf_export.merged_tensors(merged, names, "float32", False)
   return gguf_export.write_gguf(out, tensors, base, dtype)

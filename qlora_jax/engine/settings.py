@@ -81,6 +81,7 @@ class LoraSettings:
   init: str
   loftq_iters: int
   dora: bool
+  qa: bool
 
   def plan_mapping(self) -> dict:
     """The mapping `qlora_jax.nn.make_plan` takes (without `enabled`)."""
@@ -261,13 +262,29 @@ def _check(sec: dict[str, Any], errors: list[str]) -> None:
         "is set, but lora.enabled is False or train.mode is 'full': an "
         "adapter needs LoRA training",
       )
+  asym = False
   if q:
     if q.data_type != "none":
       try:
-        quant.get_data_type(q.data_type)
+        asym = quant.get_data_type(q.data_type).asymmetric
       except ValueError as e:
         bad("quant.data_type", str(e))
     at_least("quant.block_size", q.block_size, 1)
+    if asym and q.double_quant:
+      bad(
+        "quant.double_quant",
+        f"data type {q.data_type!r} stores a float16 scale and minimum per "
+        "block (GGML Q4_1's layout): set quant.double_quant to False",
+      )
+  if lo and lo.qa and lo.enabled and not asym:
+    bad(
+      "lora.qa",
+      "QA-LoRA folds its update into block minimums: it needs quant."
+      f"data_type 'int4_asym' (or another 'int<k>_asym'), got "
+      f"{q.data_type if q else None!r}",
+    )
+  if lo and lo.qa and (lo.dora or lo.init not in ("kaiming", "gaussian")):
+    bad("lora.qa", "takes lora.init 'kaiming' or 'gaussian' and no lora.dora")
   if lo:
     at_least("lora.rank", lo.rank, 1)
     at_least("lora.loftq_iters", lo.loftq_iters, 1)

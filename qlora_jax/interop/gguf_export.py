@@ -6,20 +6,25 @@ file that llama.cpp, transformers (`gguf_file=`) and our own reader load:
 
 - the metadata of the base GGUF file (architecture, hyperparameters,
   tokenizer vocabulary and merges, special tokens, chat template) copied
-  key by key with its stored types; `general.file_type` says the new type;
+  key by key with its stored types; `general.file_type` gives the type
+  most matrices have;
 - tensors under llama.cpp's names, q/k rows put back in llama.cpp's rotary
   order (`gguf_reader.permute_rows`);
 - matrices in the chosen type: F32, F16, BF16 or Q8_0 (converted by the
   `gguf` package's own NumPy quantizer, as llama.cpp's converter does);
   norms and biases in F32, as llama.cpp keeps them;
-- a `RawTensor` (GGML blocks made elsewhere, e.g. the Q4_1 codes of a
-  QA-LoRA merge) as it is, with no requantization.
+- a QuantizedTensor in int4_asym blocks of 32 (a QA-LoRA merge, or a base
+  loaded from Q4_1) as Q4_1 blocks, its codes and scales as they are (a
+  float32 minimum rounded to float16, the format's type); other quantized
+  weights dequantized and written in the chosen type; a `RawTensor` (GGML
+  blocks made elsewhere) as it is.
 
 The header and tensor table are written first, then one tensor at a time,
 each encoded just before it is written; the file appears under its name
 only when complete.
 """
 
+import collections
 import dataclasses
 import os
 import pathlib
@@ -30,6 +35,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGUFValueType
 from gguf.constants import GGMLQuantizationType as Q
 
+from qlora_jax import quant
 from qlora_jax.models import gguf_reader
 
 TYPES = {"float32": Q.F32, "float16": Q.F16, "bfloat16": Q.BF16, "q8_0": Q.Q8_0}
@@ -126,6 +132,12 @@ def write_gguf(
   arch = base_file.architecture
   plan = []  # (gguf name, value, stored type, heads)
   for key, value in tensors.items():
+    if isinstance(value, quant.QuantizedTensor):
+      if value.spec == gguf_reader.Q4_1_SPEC and value.ndim == 2:
+        raw = gguf_reader.quantized_to_q4_1(value)
+        value = RawTensor(Q.Q4_1, raw, tuple(value.shape))
+      else:
+        value = np.asarray(quant.dequantize(value, np.float32))
     try:
       name = gguf_reader.gguf_name(key)
     except KeyError as e:
@@ -140,13 +152,13 @@ def write_gguf(
     plan.append(
       (name, value, kind, gguf_reader.permuted_heads(arch, key, config))
     )
-  matrices = {kind for _, v, kind, _ in plan if len(v.shape) == 2}
+  matrices = collections.Counter(k for _, v, k, _ in plan if len(v.shape) == 2)
   path = pathlib.Path(path)
   partial = path.with_name(path.name + ".partial")
   writer = gguf.GGUFWriter(str(partial), arch)
   _copy_metadata(gguf.GGUFReader(base), writer)
-  if len(matrices) == 1 and next(iter(matrices)) in FILE_TYPES:
-    writer.add_file_type(FILE_TYPES[matrices.pop()])
+  if matrices and matrices.most_common(1)[0][0] in FILE_TYPES:
+    writer.add_file_type(FILE_TYPES[matrices.most_common(1)[0][0]])
   for name, value, kind, _ in plan:
     shape, stored, nbytes = _info(value, kind)
     raw = None if kind in (Q.F32, Q.F16) else kind

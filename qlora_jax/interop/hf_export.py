@@ -94,9 +94,13 @@ def _index(leaf, layer: int | None):
 
 
 def merged_tensors(
-  merged: Mapping[str, Any], names: Names, dtype: str
-) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]], set]:
-  """(HF tensors, {name: shape} of quantized weights, their specs)."""
+  merged: Mapping[str, Any], names: Names, dtype: str, parts: bool = True
+) -> tuple[dict[str, Any], dict[str, tuple[int, ...]], set]:
+  """(HF tensors, {name: shape} of quantized weights, their specs).
+
+  A quantized weight is written as its parts (`name.codes`, ...), or with
+  `parts=False` as the QuantizedTensor itself under its name.
+  """
   out: dict[str, np.ndarray] = {}
   shapes: dict[str, tuple[int, ...]] = {}
   specs = set()
@@ -110,6 +114,9 @@ def merged_tensors(
       if isinstance(value, quant.QuantizedTensor):
         shapes[t.name] = tuple(value.shape)
         specs.add(value.spec)
+        if not parts:
+          out[t.name] = value
+          continue
         for part in prequantized.PARTS:
           array = getattr(value, part)
           if array is not None:

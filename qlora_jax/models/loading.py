@@ -218,7 +218,7 @@ def read_variables(
   for dest, group in groups.items():
     stack = _Stack(len(group)) if group[0].layer is not None else None
     for t in sorted(group, key=lambda t: t.layer or 0):
-      array = ckpt.read(keys[t.name])
+      array = _read(ckpt, keys[t.name], t, opts)
       prequantized = isinstance(array, quant.QuantizedTensor)
       if not prequantized and not is_float(array.dtype):
         raise CheckpointError(
@@ -245,6 +245,19 @@ def read_variables(
       for path, value in stack.buffers.items():
         out[path] = place("/".join(path), value)
   return out, stats
+
+
+def _read(ckpt, key: str, t: Target, opts: Options):
+  """The tensor `key`: taken as stored when the checkpoint holds a linear
+  weight already in its layer's quantized layout (a GGUF Q4_1 matrix for
+  int4_asym in blocks of 32), else as floats."""
+  read_quantized = getattr(ckpt, "read_quantized", None)
+  if read_quantized is not None and t.dest[-1] == "weight":
+    qspec = opts.plan.lookup("/".join(t.dest[:-1])).quant
+    qt = read_quantized(key, qspec)
+    if qt is not None:
+      return qt
+  return ckpt.read(key)
 
 
 def _convert(array, t: Target, dest: Path, opts: Options, root):

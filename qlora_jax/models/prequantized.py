@@ -9,6 +9,9 @@ of a float tensor:
   W.absmax   float32 per block, or uint8 codes with double quantization
   W.absmax2  float32 per group of 256 blocks (double quantization only)
   W.offset   float32 scalar (double quantization only)
+  W.minimum  float16 (as quantized) or float32 (after an exact QA-LoRA
+             merge) per block, asymmetric data types (`int<k>_asym`) only;
+             their W.absmax is the float16 scale d
 
 and config.json has a section
 
@@ -41,7 +44,7 @@ from qlora_jax.models.safetensors_reader import Checkpoint, CheckpointError
 
 SECTION = "qlora_jax_quantization"
 FORMAT = 1
-PARTS = ("codes", "absmax", "absmax2", "offset")
+PARTS = ("codes", "absmax", "absmax2", "offset", "minimum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +158,10 @@ class QuantizedCheckpoint:
       if name not in self.ckpt.where:
         raise CheckpointError(f"{self.folder}: missing tensor {name!r}")
       array = self.ckpt.read(name)
-      if array.shape != expected.shape or array.dtype != expected.dtype:
+      dtypes = {expected.dtype}
+      if part == "minimum":  # float32 after an exact merge
+        dtypes.add(np.dtype(np.float32))
+      if array.shape != expected.shape or array.dtype not in dtypes:
         raise CheckpointError(
           f"tensor {name!r} in {self.ckpt.file(name)} is {array.dtype}"
           f"{list(array.shape)}, but {spec} of {list(shape)} gives "
@@ -176,7 +182,8 @@ def adapter_over(qt: quant.QuantizedTensor, key, lora, base_dtype, name: str):
       "start from a pre-quantized checkpoint"
     )
   w = np.asarray(quant.dequantize(qt, jnp.float32))
-  values = qnn.init_adapter(key, w, lora, None, jnp.float32, name)
+  qspec = qt.spec if lora.qa else None  # QA-LoRA checks the base's blocks
+  values = qnn.init_adapter(key, w, lora, qspec, jnp.float32, name)
   values["weight"] = qt
   return values
 

@@ -6,7 +6,7 @@ Flax modules and tree helpers that know nothing of any model; imports
 
 from qlora_jax.nn.dense import BASE, PARAMS, QLoRADense, base_param, path_name
 from qlora_jax.nn.hash_dropout import Dropout, dropout
-from qlora_jax.nn.lora import INITS, LoraSpec, init_adapter
+from qlora_jax.nn.lora import INITS, LoraSpec, full_a, init_adapter
 from qlora_jax.nn.matmul import (
   KERNELS,
   dequantized,
@@ -49,6 +49,7 @@ __all__ = [
   "flatten",
   "frozen_matmul",
   "init_adapter",
+  "full_a",
   "make_plan",
   "merge_adapters",
   "merge_trees",

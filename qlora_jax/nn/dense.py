@@ -4,8 +4,9 @@ optional LoRA / DoRA adapter.
 Variables:
   "base" collection (frozen): `weight` [out, in] (a QuantizedTensor or a
     float array) and optional `bias` [out].
-  "params" collection (trainable): `lora_a` [in, r], `lora_b` [r, out], and
-    for DoRA `lora_magnitude` [out].
+  "params" collection (trainable): `lora_a` [in, r] ([in / L, r] for
+    QA-LoRA over blocks of L), `lora_b` [r, out], and for DoRA
+    `lora_magnitude` [out].
 
 The layer finds its spec in `plan` by its module path. With no spec it is a
 plain frozen float linear layer (the full fine-tuning baseline trains it by
@@ -98,6 +99,8 @@ class QLoRADense(nn.Module):
       a = self.variable(PARAMS, "lora_a", lambda: initial("lora_a")).value
       b = self.variable(PARAMS, "lora_b", lambda: initial("lora_b")).value
       h = Dropout(lora.dropout)(x, deterministic=deterministic)
+      if lora.qa:  # the mean of each block of L inputs
+        h = h.reshape(h.shape[0], a.shape[0], -1).mean(-1)
       h = h.astype(self.dtype) @ a.astype(self.dtype)
       delta = (h @ b.astype(self.dtype)) * jnp.asarray(lora.scale, self.dtype)
       if lora.dora:

@@ -5,6 +5,13 @@ quantized in bitsandbytes' order); the adapter computes `x @ lora_a @ lora_b`
 with `lora_a` [in, r] and `lora_b` [r, out] (PEFT's lora_A.weight and
 lora_B.weight transposed). The update of the base is
 `scale * (lora_a @ lora_b).T`.
+
+QA-LoRA (Xu et al., 2023; `qa=True`, over an asymmetric `int<k>_asym`
+base with blocks of L): the adapter's input is the mean of x over each
+block of L input features, so `lora_a` is [in / L, r]. Its update is
+`scale * (full_a(lora_a) @ lora_b).T` with `full_a` repeating each row of
+A over its block, divided by L: constant over each block of a row, i.e. a
+change of that block's minimum only, which `nn.merge` folds in exactly.
 """
 
 import dataclasses
@@ -32,6 +39,7 @@ class LoraSpec:
       the residual) or "loftq" (alternating quantize / SVD).
     loftq_iters: alternating steps of LoftQ.
     dora: weight-decomposed LoRA (a trainable magnitude per output).
+    qa: quantization-aware (QA-LoRA): A acts on block means of the input.
   """
 
   rank: int = 8
@@ -41,6 +49,7 @@ class LoraSpec:
   init: str = "kaiming"
   loftq_iters: int = 1
   dora: bool = False
+  qa: bool = False
 
   def __post_init__(self):
     if not isinstance(self.rank, int) or self.rank < 1:
@@ -53,11 +62,45 @@ class LoraSpec:
       raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
     if self.loftq_iters < 1:
       raise ValueError(f"loftq_iters must be >= 1, got {self.loftq_iters}")
+    if self.qa and (self.dora or self.init not in ("kaiming", "gaussian")):
+      raise ValueError(
+        "lora qa (QA-LoRA) changes block minimums only: it takes init "
+        f"'kaiming' or 'gaussian' and no dora (got init {self.init!r}, "
+        f"dora {self.dora})"
+      )
 
   @property
   def scale(self) -> float:
     root = math.sqrt(self.rank) if self.rslora else self.rank
     return float(self.alpha) / root
+
+
+def full_a(a: jnp.ndarray, in_features: int) -> jnp.ndarray:
+  """The [in, r] A of an adapter: `a` itself, or a QA-LoRA A [in / L, r]
+  spread over its blocks (each row repeated L times, divided by L)."""
+  groups = a.shape[-2]
+  if groups == in_features:
+    return a
+  size = in_features // groups
+  return jnp.repeat(a, size, axis=-2) / size
+
+
+def check_qa(lora: LoraSpec, qspec, in_features: int, name: str) -> int:
+  """The block size L of a QA-LoRA layer; raises naming the layer when its
+  base is not asymmetric or L does not divide its input width."""
+  what = name or "layer"
+  if qspec is None or not qspec.asymmetric:
+    dtype = qspec.data_type if qspec is not None else "none"
+    raise ValueError(
+      f"lora qa of {what}: QA-LoRA needs an asymmetric quantized base "
+      f"(quant.data_type 'int4_asym' or another 'int<k>_asym'), got {dtype!r}"
+    )
+  if in_features % qspec.block_size:
+    raise ValueError(
+      f"lora qa of {what}: blocks of {qspec.block_size} do not divide its "
+      f"{in_features} input features"
+    )
+  return qspec.block_size
 
 
 def _store_base(w, qspec: quant.QuantSpec | None, dtype, name: str):
@@ -120,13 +163,14 @@ def init_adapter(
       f"dimension ({in_f} in, {out_f} out)"
     )
   r, scale = lora.rank, lora.scale
+  a_rows = in_f // check_qa(lora, qspec, in_f, name) if lora.qa else in_f
   if lora.init == "kaiming":
-    bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform(a=sqrt(5)) on [r, in]
-    a = jax.random.uniform(key, (in_f, r), jnp.float32, -bound, bound)
+    bound = 1.0 / math.sqrt(a_rows)  # kaiming_uniform(a=sqrt(5)) on [r, in]
+    a = jax.random.uniform(key, (a_rows, r), jnp.float32, -bound, bound)
     b = jnp.zeros((r, out_f), jnp.float32)
     stored = _store_base(w, qspec, base_dtype, name)
   elif lora.init == "gaussian":
-    a = jax.random.normal(key, (in_f, r), jnp.float32) / r
+    a = jax.random.normal(key, (a_rows, r), jnp.float32) / r
     b = jnp.zeros((r, out_f), jnp.float32)
     stored = _store_base(w, qspec, base_dtype, name)
   elif lora.init == "pissa":

@@ -65,10 +65,11 @@ def chunk_rows(qt: quant.QuantizedTensor) -> int | None:
   return rows
 
 
-def _planes(codes, absmax, data_type: str, block_size: int, dtype):
-  """Dequantized planes of a chunk: codes [rows, in*bits/8], absmax
-  [rows, in/block] -> per_byte arrays [rows, in/per_byte]; plane p holds
-  columns p, p + per_byte, ..."""
+def _planes(codes, absmax, minimum, data_type: str, block_size: int, dtype):
+  """Dequantized planes of a chunk: codes [rows, in*bits/8], absmax (or an
+  asymmetric type's scale) and minimum (or None) [rows, in/block] ->
+  per_byte arrays [rows, in/per_byte]; plane p holds columns p, p +
+  per_byte, ..."""
   dt = get_data_type(data_type)
   per_byte = 8 // dt.bits
   rows, nbytes = codes.shape
@@ -79,7 +80,10 @@ def _planes(codes, absmax, data_type: str, block_size: int, dtype):
   for p in range(per_byte):
     idx = (codes >> jnp.uint8(8 - dt.bits * (p + 1))) & mask
     values = table[idx.astype(jnp.int32)].reshape(rows, -1, per_block)
-    planes.append((values * absmax[:, :, None]).reshape(rows, nbytes))
+    values = values * absmax[:, :, None]
+    if minimum is not None:
+      values = values + minimum.astype(jnp.float32)[:, :, None]
+    planes.append(values.reshape(rows, nbytes))
   return [w.astype(dtype) for w in planes]
 
 
@@ -88,7 +92,8 @@ def _chunked_layout(qt: quant.QuantizedTensor, rows: int):
   n = out_f // rows
   codes = qt.codes.reshape(n, rows, -1)
   absmax = quant.block_absmax(qt).reshape(n, rows, -1)
-  return codes, absmax
+  minimum = None if qt.minimum is None else qt.minimum.reshape(n, rows, -1)
+  return codes, absmax, minimum
 
 
 def _split_columns(x: jnp.ndarray, per_byte: int) -> list[jnp.ndarray]:
@@ -97,22 +102,21 @@ def _split_columns(x: jnp.ndarray, per_byte: int) -> list[jnp.ndarray]:
 
 def _chunked_forward(x, qt: quant.QuantizedTensor, dtype, rows: int):
   per_byte = 8 // get_data_type(qt.data_type).bits
-  codes, absmax = _chunked_layout(qt, rows)
+  layout = _chunked_layout(qt, rows)
   xs = _split_columns(x, per_byte)
 
   def one(args):
-    c, a = args
-    planes = _planes(c, a, qt.data_type, qt.block_size, dtype)
+    planes = _planes(*args, qt.data_type, qt.block_size, dtype)
     return sum(_dot_last(xp, w, 1) for xp, w in zip(xs, planes, strict=True))
 
-  ys = jax.lax.map(one, (codes, absmax))  # [chunks, ..., rows]
+  ys = jax.lax.map(one, layout)  # [chunks, ..., rows]
   ys = jnp.moveaxis(ys, 0, -2)  # [..., chunks, rows]
   return ys.reshape(*x.shape[:-1], qt.shape[0])
 
 
 def _chunked_input_grad(g, qt: quant.QuantizedTensor, dtype, rows: int):
   per_byte = 8 // get_data_type(qt.data_type).bits
-  codes, absmax = _chunked_layout(qt, rows)
+  codes, absmax, minimum = _chunked_layout(qt, rows)
   n = codes.shape[0]
   gs = jnp.moveaxis(g.reshape(*g.shape[:-1], n, rows), -2, 0)
   in_f = qt.shape[1]
@@ -121,13 +125,13 @@ def _chunked_input_grad(g, qt: quant.QuantizedTensor, dtype, rows: int):
   ]
 
   def body(acc, args):
-    c, a, gc = args
-    planes = _planes(c, a, qt.data_type, qt.block_size, dtype)
+    c, a, m, gc = args
+    planes = _planes(c, a, m, qt.data_type, qt.block_size, dtype)
     return [
       d + _dot_last(gc, w, 0) for d, w in zip(acc, planes, strict=True)
     ], None
 
-  parts, _ = jax.lax.scan(body, init, (codes, absmax, gs))
+  parts, _ = jax.lax.scan(body, init, (codes, absmax, minimum, gs))
   return jnp.stack(parts, axis=-1).reshape(*g.shape[:-1], in_f)
 
 

@@ -5,13 +5,24 @@
 the weight the adapters were trained against, and drops the adapter
 variables; optionally the merged weight is quantized again with the layer's
 spec. Layers stacked by `nn.scan` (a leading layer axis) are handled.
+
+A QA-LoRA layer over an asymmetric base merges exactly with `requantize`:
+its update is constant over each block of a row, so it is added to that
+block's minimum, m' = m + scale / L * (A @ B).T (float32), and the codes and
+scales stay as they are. The merged weight then differs from the adapted
+one by the float32 rounding of m' and of d * q + m': at most
+2**-24 * (|m| + |delta|) + 2**-24 * |d * q + m'| per element.
 """
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from qlora_jax import quant
 from qlora_jax.nn.dense import BASE, PARAMS
+from qlora_jax.nn.lora import full_a
 from qlora_jax.nn.matmul import dequantized
 from qlora_jax.nn.plan import Plan
 from qlora_jax.nn.trees import flatten, unflatten
@@ -19,10 +30,22 @@ from qlora_jax.nn.trees import flatten, unflatten
 
 def merged_weight(weight, lora_a, lora_b, scale: float, magnitude=None):
   """float32 [out, in]: the base plus its adapter (one unstacked layer)."""
-  w = dequantized(weight, jnp.float32) + scale * (lora_a @ lora_b).T
+  in_features = weight.shape[-1]
+  delta = scale * (full_a(lora_a, in_features) @ lora_b).T
+  w = dequantized(weight, jnp.float32) + delta
   if magnitude is not None:
     w = w * (magnitude / jnp.linalg.norm(w, axis=1))[:, None]
   return w
+
+
+def merged_minimum(weight: quant.QuantizedTensor, lora_a, lora_b, scale):
+  """An asymmetric base with a QA-LoRA update folded into its block
+  minimums (one unstacked layer): codes and scales untouched."""
+  out_f, in_f = weight.shape
+  size = in_f // lora_a.shape[0]  # L: the adapter sees block means
+  delta = (scale / size) * (lora_a @ lora_b).T  # [out, in / L]: per block
+  m = weight.minimum.astype(jnp.float32).reshape(out_f, -1) + delta
+  return dataclasses.replace(weight, minimum=m.reshape(-1))
 
 
 def _stack_depth(weight) -> int:
@@ -46,7 +69,8 @@ def merge_adapters(
     variables: {"base": ..., "params": ...} of a model built with `plan`.
     plan: the plan the model was built with.
     dtype: dtype of the merged float weights.
-    requantize: quantize merged weights again with their layer's spec.
+    requantize: quantize merged weights again with their layer's spec
+      (QA-LoRA layers: fold the update into the block minimums, exactly).
   """
   flat = flatten(variables)
   for path in plan.lora_paths():
@@ -65,6 +89,10 @@ def merge_adapters(
       return merged_weight(w, a, b, scale, m)
 
     depth = _stack_depth(weight)
+    if requantize and spec.lora.qa:
+      exact = functools.partial(merged_minimum, scale=scale)
+      flat[w_key] = _map_stacked(exact, depth)(weight, a, b)
+      continue
     args = (weight, a, b) if m is None else (weight, a, b, m)
     merged = _map_stacked(one, depth)(*args).astype(dtype)
     if requantize and spec.quant is not None:
@@ -102,7 +130,8 @@ def unmerge_adapters(merged_variables, adapters, plan: Plan) -> dict:
     b = flat_adapters[(PARAMS, *keys, "lora_b")]
     w_key = (BASE, *keys, "weight")
     w = flat[w_key]
-    delta = jnp.swapaxes(a @ b, -1, -2) * spec.lora.scale
+    in_features = w.shape[-1]
+    delta = jnp.swapaxes(full_a(a, in_features) @ b, -1, -2) * spec.lora.scale
     flat[w_key] = (w.astype(jnp.float32) - delta).astype(w.dtype)
     flat[(PARAMS, *keys, "lora_a")] = a
     flat[(PARAMS, *keys, "lora_b")] = b

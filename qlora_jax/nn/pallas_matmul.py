@@ -62,7 +62,10 @@ def unsupported_reason(qt: quant.QuantizedTensor) -> str | None:
   """Why the kernels cannot read `qt`'s layout, or None if they can."""
   if qt.ndim != 2:
     return f"the weight has shape {qt.shape}, not [out, in]"
-  bits = get_data_type(qt.data_type).bits
+  dt = get_data_type(qt.data_type)
+  if dt.asymmetric:
+    return f"data type {qt.data_type!r} is asymmetric (scale and minimum)"
+  bits = dt.bits
   if bits != 4:
     return f"data type {qt.data_type!r} has {bits}-bit codes, not 4-bit"
   bs = qt.block_size

@@ -120,7 +120,7 @@ def make_plan(
     linear_paths: every linear layer's path.
     lora: None for no adapters, or a mapping with keys `targets`, `exclude`,
       `rank`, `alpha`, `rank_pattern`, `alpha_pattern` and the LoraSpec
-      fields (`rslora`, `dropout`, `init`, `loftq_iters`, `dora`).
+      fields (`rslora`, `dropout`, `init`, `loftq_iters`, `dora`, `qa`).
     quant_cfg: None (or data_type "none") for a float base, or a mapping with
       `data_type`, `block_size`, `double_quant`, `targets`, `exclude`.
     heads: output heads, left out of "all-linear".
@@ -183,7 +183,7 @@ def make_plan(
   return Plan(tuple(layers))
 
 
-_SPEC_KEYS = ("rslora", "dropout", "init", "loftq_iters", "dora")
+_SPEC_KEYS = ("rslora", "dropout", "init", "loftq_iters", "dora", "qa")
 _LORA_KEYS = _SPEC_KEYS + (
   "targets",
   "exclude",
@@ -222,6 +222,8 @@ def plan_lines(plan: Plan, n_linear: int) -> list[str]:
       parts.append(f"lora r={lo.rank} alpha={lo.alpha:g} init={lo.init}")
       if lo.dora:
         parts.append("dora")
+      if lo.qa:
+        parts.append("qa")
     if spec.quant is not None:
       q = spec.quant
       parts.append(

@@ -10,6 +10,12 @@ bitsandbytes' portable CPU backend) are:
   below the scaled value (ties go to the lower code);
 * double quantization stores `absmax - mean(absmax)` with the signed 8-bit
   dynamic map in groups of 256.
+
+Asymmetric blocks (`int<k>_asym`) follow GGML's Q4_1 quantizer instead (the
+`gguf` package's NumPy reference, bit for bit): per block the minimum m and
+maximum M in float32, d = (M - m) / (2**k - 1), q = trunc((x - m) * (1 / d)
++ 0.5) clipped to [0, 2**k - 1] (q = 0 where d = 0), and d, m stored as
+float16; values are d * q + m in float32.
 """
 
 import jax
@@ -229,3 +235,41 @@ def _rounded(product: jnp.ndarray, nonnegative: jnp.ndarray) -> jnp.ndarray:
   zero = jax.lax.bitcast_convert_type(nonnegative[:1], jnp.uint32) >> 31
   bits = jax.lax.bitcast_convert_type(product, jnp.uint32) | zero
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _edge_blocks(x: jnp.ndarray, block_size: int) -> jnp.ndarray:
+  """Flat x as [num_blocks, block_size], a final partial block padded with
+  its last value (which changes neither its minimum nor its maximum)."""
+  n = x.shape[0]
+  pad = num_blocks(n, block_size) * block_size - n
+  if pad:
+    x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (pad,))])
+  return x.reshape(-1, block_size)
+
+
+def quantize_asym_blocks(x: jnp.ndarray, bits: int, block_size: int):
+  """Flat x -> (codes uint8[n], scale d float16, minimum m float16), one d
+  and m per block (GGML's Q4_1 rule for bits = 4, block_size = 32)."""
+  n = x.shape[0]
+  xb = _edge_blocks(x.astype(jnp.float32), block_size)
+  top = jnp.max(xb, axis=1, keepdims=True)
+  low = jnp.min(xb, axis=1, keepdims=True)
+  levels = 2**bits - 1
+  d = _divide(top - low, jnp.full_like(top, levels))
+  inv = jnp.where(d == 0, 0.0, _divide(jnp.ones_like(d), d))
+  scaled = _rounded((xb - low) * inv, jnp.abs(d[:, 0]))
+  q = jnp.clip(jnp.trunc(scaled + jnp.float32(0.5)), 0, levels)
+  codes = q.astype(jnp.uint8).reshape(-1)[:n]
+  return codes, d[:, 0].astype(jnp.float16), low[:, 0].astype(jnp.float16)
+
+
+def dequantize_asym_blocks(
+  codes: jnp.ndarray, scale: jnp.ndarray, minimum: jnp.ndarray, block_size
+) -> jnp.ndarray:
+  """Codes with per-block d and m -> flat float32 d * q + m (the product
+  rounded before the sum, as NumPy computes it)."""
+  n = codes.shape[0]
+  d = scale.astype(jnp.float32)[:, None]
+  q = _blocks(codes, block_size).astype(jnp.float32)
+  product = _rounded(q * d, jnp.abs(d[:, 0]))
+  return (product + minimum.astype(jnp.float32)[:, None]).reshape(-1)[:n]

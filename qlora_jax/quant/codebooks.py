@@ -4,6 +4,11 @@ A data type maps a k-bit code to a value in [-1, 1]; a tensor is stored as
 codes plus one absmax scale per block. Encoding picks, for a scaled value, the
 code whose value is nearest, ties going to the lower value (bitsandbytes'
 rule: the code is the number of midpoints strictly below the value).
+
+The asymmetric integer types `int<k>_asym` are the exception: a block
+stores a scale d and a minimum m (float16) and code q in [0, 2**k - 1]
+stands for d * q + m (GGML's Q4_1 for k = 4 and blocks of 32; see
+`blockwise.quantize_asym_blocks`). Their `values` are the integers q.
 """
 
 import dataclasses
@@ -45,7 +50,7 @@ _FP4_MAGNITUDES = (0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 1 / 2, 1 / 6, 1 / 4)
 FP8_E4M3_MAX = 448.0
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-_NAME_RE = re.compile(r"^(nf|int)([0-9])$")
+_NAME_RE = re.compile(r"^(nf|int)([0-9])(_asym)?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,8 @@ class DataType:
     values: float32[2**bits], the value of each code (unused codes are 0).
     encode_values: float32, the values encoding may choose, sorted ascending.
     encode_codes: uint8, the code of each entry of `encode_values`.
+    asymmetric: codes stand for d * q + m per block (`int<k>_asym`), not
+      table value times block absmax.
   """
 
   name: str
@@ -65,6 +72,7 @@ class DataType:
   values: np.ndarray = dataclasses.field(repr=False, compare=False)
   encode_values: np.ndarray = dataclasses.field(repr=False, compare=False)
   encode_codes: np.ndarray = dataclasses.field(repr=False, compare=False)
+  asymmetric: bool = False
 
   @property
   def thresholds(self) -> np.ndarray:
@@ -135,13 +143,21 @@ def get_data_type(name: str) -> DataType:
     values = np.where(used, f8 / np.float32(FP8_E4M3_MAX), 0.0)
     return _table_type("fp8", 8, values.astype(np.float32), used)
   m = _NAME_RE.match(key)
-  if m is None or int(m.group(2)) not in SUPPORTED_BITS:
+  if (
+    m is None
+    or int(m.group(2)) not in SUPPORTED_BITS
+    or (m.group(3) and m.group(1) != "int")
+  ):
     raise ValueError(
       f"unknown data type {name!r}: expected 'nf4', 'fp4', 'fp8', or "
-      f"'nf<k>' / 'int<k>' with k in {SUPPORTED_BITS}"
+      f"'nf<k>' / 'int<k>' / 'int<k>_asym' with k in {SUPPORTED_BITS}"
     )
   family, bits = m.group(1), int(m.group(2))
   n = 2**bits
+  if m.group(3):  # asymmetric: code q is the integer q
+    values = np.arange(n, dtype=np.float32)
+    codes = np.arange(n, dtype=np.uint8)
+    return DataType(key, bits, values, values, codes, asymmetric=True)
   if family == "nf":
     values = NF4_VALUES.copy() if bits == 4 else normal_float_values(bits)
     return _table_type(key, bits, values, np.ones(n, bool))

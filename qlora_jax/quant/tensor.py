@@ -24,8 +24,18 @@ class QuantSpec:
   double_quant: bool = True
 
   def __post_init__(self):
-    get_data_type(self.data_type)  # raises on unknown names
+    dt = get_data_type(self.data_type)  # raises on unknown names
     check_block_size(self.block_size)
+    if dt.asymmetric and self.double_quant:
+      raise ValueError(
+        f"double_quant: data type {dt.name!r} stores a float16 scale and "
+        "minimum per block (GGML Q4_1's layout for int4_asym); set "
+        "double_quant to False"
+      )
+
+  @property
+  def asymmetric(self) -> bool:
+    return get_data_type(self.data_type).asymmetric
 
 
 def check_block_size(block_size: Any) -> None:
@@ -44,7 +54,7 @@ def check_block_size(block_size: Any) -> None:
 
 @functools.partial(
   jax.tree_util.register_dataclass,
-  data_fields=["codes", "absmax", "absmax2", "offset"],
+  data_fields=["codes", "absmax", "absmax2", "offset", "minimum"],
   meta_fields=["shape", "data_type", "block_size", "dtype"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +63,21 @@ class QuantizedTensor:
 
   The tensor is quantized as its flattened row-major sequence (bitsandbytes'
   layout). Array fields are pytree leaves; the rest is static metadata.
+  An asymmetric data type (`int<k>_asym`) stores a scale d in `absmax` and
+  a minimum m in `minimum` per block, and means d * q + m.
 
   Attributes:
     codes: uint8, the packed codes of the flattened tensor.
-    absmax: float32 per block, or uint8 second-level codes (double quant).
+    absmax: float32 per block, or uint8 second-level codes (double quant);
+      for an asymmetric type the float16 scale d per block.
     absmax2: float32 per group of 256 blocks (double quant), else None.
     offset: float32 scalar, the mean block absmax (double quant), else None.
     shape: shape of the original tensor.
     data_type: name of the k-bit data type ("nf4", "int3", ...).
     block_size: elements per block.
     dtype: name of the original float dtype (the default dequantize dtype).
+    minimum: the minimum m per block of an asymmetric type (float16 as
+      quantized; float32 after an exact QA-LoRA merge), else None.
   """
 
   codes: jax.Array
@@ -73,6 +88,7 @@ class QuantizedTensor:
   data_type: str
   block_size: int
   dtype: str
+  minimum: jax.Array | None = None
 
   @property
   def double_quant(self) -> bool:
@@ -133,12 +149,17 @@ def _check_input(x: Any, name: str | None) -> jnp.ndarray:
 )
 def _quantize(x, data_type: str, block_size: int, double_quant: bool):
   dt = get_data_type(data_type)
+  if dt.asymmetric:
+    codes, scale, minimum = blockwise.quantize_asym_blocks(
+      x.reshape(-1), dt.bits, block_size
+    )
+    return packing.pack(codes, dt.bits, pad_code=0), scale, None, None, minimum
   codes, absmax = blockwise.quantize_blocks(x.reshape(-1), dt, block_size)
   packed = packing.pack(codes, dt.bits, pad_code=dt.zero_code)
   if not double_quant:
-    return packed, absmax, None, None
+    return packed, absmax, None, None, None
   q8, absmax2, offset = blockwise.double_quantize(absmax)
-  return packed, q8, absmax2, offset
+  return packed, q8, absmax2, offset, None
 
 
 def quantize(
@@ -152,7 +173,8 @@ def quantize(
 
   Args:
     x: float32, bfloat16 or float16 array of any shape.
-    data_type: "nf4", "fp4", "fp8", or "nf<k>" / "int<k>", k in 2,3,4,5,6,8.
+    data_type: "nf4", "fp4", "fp8", or "nf<k>" / "int<k>" /
+      "int<k>_asym", k in 2,3,4,5,6,8.
     block_size: elements per absmax block, a multiple of 2 up to 4096.
     double_quant: quantize the block absmax again (bitsandbytes'
       `compress_statistics`).
@@ -163,7 +185,7 @@ def quantize(
       concrete inputs) a non-finite value.
   """
   dt = get_data_type(data_type)
-  check_block_size(block_size)
+  QuantSpec(dt.name, block_size, bool(double_quant))  # checks the options
   x = _check_input(x, name)
   shape = tuple(int(d) for d in x.shape)
   if not shape or int(np.prod(shape)) == 0:
@@ -171,7 +193,7 @@ def quantize(
       f"cannot quantize {'tensor ' + repr(name) if name else 'input'} of "
       f"shape {shape}: it needs at least one element"
     )
-  codes, absmax, absmax2, offset = _quantize(
+  codes, absmax, absmax2, offset, minimum = _quantize(
     jnp.asarray(x), dt.name, int(block_size), bool(double_quant)
   )
   return QuantizedTensor(
@@ -183,14 +205,16 @@ def quantize(
     data_type=dt.name,
     block_size=int(block_size),
     dtype=jnp.dtype(x.dtype).name,
+    minimum=minimum,
   )
 
 
 @jax.jit
 def block_absmax(qt: QuantizedTensor) -> jnp.ndarray:
-  """The float32 absmax of every block (reconstructed if double-quantized)."""
+  """The float32 absmax of every block (reconstructed if double-quantized);
+  the scale d of an asymmetric type."""
   if qt.absmax2 is None:
-    return qt.absmax
+    return qt.absmax.astype(jnp.float32)
   return blockwise.dequantize_absmax(qt.absmax, qt.absmax2, qt.offset)
 
 
@@ -204,6 +228,11 @@ def dequantize(qt: QuantizedTensor, dtype: Any = None) -> jnp.ndarray:
 def _dequantize(qt: QuantizedTensor, dtype) -> jnp.ndarray:
   dt: DataType = get_data_type(qt.data_type)
   codes = packing.unpack(qt.codes, dt.bits, qt.size)
+  if dt.asymmetric:
+    values = blockwise.dequantize_asym_blocks(
+      codes, qt.absmax, qt.minimum, qt.block_size
+    )
+    return values.astype(dtype).reshape(qt.shape)
   values = blockwise.dequantize_blocks(
     codes, block_absmax(qt), dt, qt.block_size
   )
@@ -234,12 +263,15 @@ def memory_report(qt: QuantizedTensor) -> MemoryReport:
     return 0 if a is None else int(np.prod(a.shape)) * a.dtype.itemsize
 
   scales = nbytes(qt.absmax) + nbytes(qt.absmax2) + nbytes(qt.offset)
+  scales += nbytes(qt.minimum)
   return MemoryReport(qt.size, nbytes(qt.codes), scales)
 
 
 def expected_bits_per_param(spec: QuantSpec) -> float:
   """Asymptotic bits/param of a spec (large tensors): codes plus scales."""
   bits = get_data_type(spec.data_type).bits
+  if spec.asymmetric:  # float16 d and m per block
+    return bits + 32.0 / spec.block_size
   if not spec.double_quant:
     return bits + 32.0 / spec.block_size
   return (
