@@ -7,6 +7,7 @@ float merge of the same adapters. Tolerances are stated where used.
 """
 
 import dataclasses
+import json
 import pathlib
 
 import gguf
@@ -265,3 +266,19 @@ def test_qa_run_exports_q4_1_with_its_codes(q4_1_gguf, tmp_path):
 def _bytes(path, info) -> np.ndarray:
   raw = np.fromfile(path, np.uint8, info.nbytes, offset=info.offset)
   return raw.reshape(-1, 20)
+
+
+def test_runs_recorded_before_lora_qa_still_read(tmp_path):
+  # A config.json written before the field existed reads as qa = False,
+  # and resuming that workdir with today's config sees no difference.
+  from qlora_jax.engine import runs, workdir  # noqa: PLC0415
+
+  config = Settings.from_config(tiny_config.get_config(str(tmp_path)))
+  old = config.to_dict()
+  del old["lora"]["qa"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert runs.read_settings(tmp_path) == config
+  workdir.check_config(tmp_path, config.to_dict(), allow_safe_changes=False)
+  # A new config must still name the field.
+  with pytest.raises(ConfigError, match="lora.qa: missing from the config"):
+    Settings.from_config(old)

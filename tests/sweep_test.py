@@ -73,20 +73,26 @@ def test_sweep_runs_resumes_records_failures_and_renders(tmp_path):
   assert [p.read_bytes() for p in tables.write(out)] == first_bytes
   markdown = written[0].read_text()
   assert "not in the table" in markdown and slugs[2] in markdown
-  # The table's numbers are the mean and std of the points' final evals.
+  # The table's numbers are the mean of the points' final evals and the
+  # half-width of its 95% Student t interval.
   evals = []
   for slug in slugs[:2]:
     records = read_metrics(out / "points" / slug / "metrics.jsonl")
     evals.append([r for r in records if r["kind"] == "eval"][-1])
   acc = [e["accuracy"] for e in evals]
   loss = [e["loss"] for e in evals]
-  # By hand: the mean of two values and their sample std |a - b| / sqrt(2).
-  mean_acc, std_acc = (acc[0] + acc[1]) / 2, abs(acc[0] - acc[1]) / 2**0.5
+  # By hand: the mean of two values; their sample std is |a - b| / sqrt(2),
+  # so the half-width t(0.975, 1) * std / sqrt(2) is 12.706205 |a - b| / 2.
+  mean_acc, half_acc = (
+    (acc[0] + acc[1]) / 2,
+    12.706205 * abs(acc[0] - acc[1]) / 2,
+  )
   mean_loss = (loss[0] + loss[1]) / 2
-  std_loss = abs(loss[0] - loss[1]) / 2**0.5
+  half_loss = 12.706205 * abs(loss[0] - loss[1]) / 2
   cells = _table_cells(markdown)["a"]
-  assert cells[0] == f"{100 * mean_acc:.1f} ± {100 * std_acc:.1f}"
-  assert cells[1] == f"{mean_loss:.4f} ± {std_loss:.4f}"
+  assert cells[0] == f"{100 * mean_acc:.1f} ± {100 * half_acc:.1f}"
+  assert cells[1] == f"{mean_loss:.4f} ± {half_loss:.4f}"
+  assert cells[-1] == "2"  # n
   final = json.loads(
     (out / "points" / slugs[0] / "final_metrics.json").read_text()
   )

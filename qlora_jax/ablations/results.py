@@ -3,9 +3,16 @@
 Every point of a sweep lives in `<sweep>/points/<slug>/` with its
 `point.json` (labels and overrides), and when done its
 `final_metrics.json`, or when failed its `error.txt`.
+
+Tables report the mean over seeds with its two-sided 95% confidence
+interval, mean +- t(0.975, n - 1) * s / sqrt(n) (Student t, s the sample
+standard deviation), and n. A finished run whose eval loss is not finite,
+or above the untrained model's, has diverged (`diverged`): it is counted
+in n and the mean and named under the table, never dropped.
 """
 
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -66,6 +73,39 @@ def group_points(points: list[dict], row_keys: list[str]) -> list[dict]:
   return list(groups.values())
 
 
+def untrained_loss(point: dict) -> float | None:
+  """The eval loss of the point's model before training: its step-0
+  evaluation when the run made one; for a classifier without one, ln(the
+  number of classes), a uniform guess's loss; else None."""
+  d = point["dir"]
+  metrics_file = d / "metrics.jsonl"
+  if metrics_file.is_file():
+    for line in metrics_file.read_text().splitlines():
+      try:
+        r = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if r.get("kind") == "eval" and r.get("step") == 0 and "loss" in r:
+        return float(r["loss"])
+  labels = d / "labels.json"
+  if labels.is_file():
+    return math.log(len(json.loads(labels.read_text())))
+  return None
+
+
+def diverged(point: dict) -> str | None:
+  """Why a finished point counts as diverged, or None."""
+  loss = (point.get("metrics") or {}).get("loss")
+  if loss is None:
+    return None
+  if not math.isfinite(loss):
+    return f"eval loss {loss}"
+  base = untrained_loss(point)
+  if base is not None and loss > base:
+    return f"eval loss {loss:.4f} above the untrained model's {base:.4f}"
+  return None
+
+
 def show_value(v: Any) -> str:
   """A config value as a table cell or series name."""
   if isinstance(v, (list, tuple)):
@@ -80,3 +120,64 @@ def stats(values: list[float]) -> tuple[float, float, int]:
   arr = np.asarray(values, np.float64)
   std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
   return float(arr.mean()), std, len(arr)
+
+
+# Student t quantiles t(0.975, df) for df = 1..30 (two-sided 95%).
+_T975 = (
+  12.706205,
+  4.302653,
+  3.182446,
+  2.776445,
+  2.570582,
+  2.446912,
+  2.364624,
+  2.306004,
+  2.262157,
+  2.228139,
+  2.200985,
+  2.178813,
+  2.160369,
+  2.144787,
+  2.131450,
+  2.119905,
+  2.109816,
+  2.100922,
+  2.093024,
+  2.085963,
+  2.079614,
+  2.073873,
+  2.068658,
+  2.063899,
+  2.059539,
+  2.055529,
+  2.051831,
+  2.048407,
+  2.045230,
+  2.042272,
+)
+
+
+def t_quantile(df: int) -> float:
+  """t(0.975, df): tabulated to df 30, then the Cornish-Fisher expansion
+  around the normal quantile (error below 1e-4 there)."""
+  if df < 1:
+    raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+  if df <= len(_T975):
+    return _T975[df - 1]
+  z = 1.959964
+  return (
+    z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+  )
+
+
+def interval(values: list[float]) -> tuple[float, float, int]:
+  """(mean, half-width of the 95% Student t interval, n); the half-width
+  is nan for a single value."""
+  n = len(values)
+  if n == 0:
+    return float("nan"), float("nan"), 0
+  mean = sum(values) / n
+  if n == 1:
+    return mean, float("nan"), 1
+  var = sum((v - mean) ** 2 for v in values) / (n - 1)
+  return mean, t_quantile(n - 1) * (var / n) ** 0.5, n

@@ -1,4 +1,4 @@
-"""A sweep's results as Markdown and LaTeX tables (mean +- std over seeds).
+"""A sweep's results as Markdown and LaTeX tables (mean +- 95% CI, n).
 
 The layout comes from the sweep's `table.json` (a config's `get_table()`):
 
@@ -11,18 +11,21 @@ The layout comes from the sweep's `table.json` (a config's `get_table()`):
   figures:  see qlora_jax/figures.py
 
 Points that differ only in `train.seed` are one row: the mean +- the
-sample standard deviation over seeds (with the seed count). Output is a
-pure function of the points' files, so re-running gives the same files.
+half-width of its 95% Student t interval over seeds (`results.interval`;
+no interval when every seed gave the same value), and the row's n (with
+how many of them diverged, `results.diverged`). Output is a pure function
+of the points' files, so re-running gives the same files.
 """
 
 import json
 import pathlib
 
 from qlora_jax.ablations.results import (
+  diverged,
   group_points,
+  interval,
   load_points,
   show_value,
-  stats,
 )
 
 
@@ -45,11 +48,18 @@ def cell(group: dict, key: str, fmt: str) -> str:
   values = [r["metrics"][key] for r in group["runs"] if key in r["metrics"]]
   if not values:
     return "-"
-  mean, std, n = stats(values)
+  mean, half, n = interval(values)
   text = _format(mean, fmt)
-  if n > 1 and fmt not in ("int", "bits"):
-    text += f" ± {_format(std, fmt)}"
+  if n > 1 and fmt not in ("int", "bits") and len(set(values)) > 1:
+    text += f" ± {_format(half, fmt)}"
   return text
+
+
+def count(group: dict) -> str:
+  """The row's n, and how many of its runs diverged."""
+  n = len(group["runs"])
+  bad = sum(diverged(r) is not None for r in group["runs"])
+  return f"{n} ({bad} diverged)" if bad else str(n)
 
 
 def _seeds(groups: list[dict]) -> str:
@@ -67,9 +77,14 @@ def table_rows(
   headers = [k.split(".")[-1] for k in row_keys]
   col_key = spec.get("columns")
   if not col_key:
-    header = headers + [m[1] for m in metrics]
+    # n per row, unless every row is one run (then the note says so).
+    counted = any(len(g["runs"]) > 1 or count(g) != "1" for g in groups)
+    header = headers + [m[1] for m in metrics] + (["n"] if counted else [])
     rows = [
-      list(g["row"]) + [cell(g, m[0], m[2]) for m in metrics] for g in groups
+      list(g["row"])
+      + [cell(g, m[0], m[2]) for m in metrics]
+      + ([count(g)] if counted else [])
+      for g in groups
     ]
     return header, rows
   key, _, fmt = metrics[0]
@@ -95,10 +110,20 @@ def markdown(spec: dict, points: list[dict]) -> str:
   lines.append("|" + "|".join("---" for _ in header) + "|")
   lines += ["| " + " | ".join(r) + " |" for r in rows]
   lines.append("")
-  notes = [f"mean ± std over seeds ({_seeds(groups)} per row)"]
+  if all(len(g["runs"]) == 1 for g in groups):
+    notes = ["one run per row (no interval)"]
+  else:
+    notes = [
+      "mean ± half-width of the 95% confidence interval over seeds "
+      f"(Student t; n = {_seeds(groups)} per row)"
+    ]
   if spec.get("columns"):
     notes.append(f"cells: {spec['metrics'][0][1]}")
   lines.append("; ".join(notes) + ".")
+  for p in points:
+    why = diverged(p) if p["metrics"] is not None else None
+    if why:
+      lines.append(f"- diverged, counted in its row: `{p['dir'].name}`: {why}")
   failed = [p for p in points if p["metrics"] is None]
   for p in failed:
     what = p["error"] or "not finished"

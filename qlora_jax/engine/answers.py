@@ -56,15 +56,16 @@ def end_ids(tokenizer: data.Tokenizer, config) -> list[int]:
   return list(getattr(config, "eos_token_ids", ()))
 
 
-def generate_answers(
+def generate_ids(
   model,
   variables,
   prompts: Prompts,
   tokenizer: data.Tokenizer,
   batch_size: int,
   max_new_tokens: int,
-) -> list[str]:
-  """Each prompt's greedy answer, decoded up to its end token."""
+) -> np.ndarray:
+  """Each prompt's greedy new tokens [prompts, max_new_tokens] (padding
+  after an end token)."""
   ends = end_ids(tokenizer, model.config)
   n = len(prompts.ids)
   size = min(batch_size, n)
@@ -82,11 +83,31 @@ def generate_answers(
       eos_token_id=ends or (),
       pad_token_id=tokenizer.pad_id,
     )
-    for row in np.asarray(new)[: stop - start]:
-      cut = np.flatnonzero(np.isin(row, ends))
-      row = row[: cut[0]] if len(cut) else row
-      out.append(tokenizer.decode(row, skip_special_tokens=True))
-  return out
+    out.append(np.asarray(new)[: stop - start])
+  return np.concatenate(out)
+
+
+def decode_answer(row, ends, tokenizer: data.Tokenizer) -> str:
+  """The text of greedy tokens `row` up to the first end token."""
+  cut = np.flatnonzero(np.isin(row, ends))
+  row = row[: cut[0]] if len(cut) else row
+  return tokenizer.decode(row, skip_special_tokens=True)
+
+
+def generate_answers(
+  model,
+  variables,
+  prompts: Prompts,
+  tokenizer: data.Tokenizer,
+  batch_size: int,
+  max_new_tokens: int,
+) -> list[str]:
+  """Each prompt's greedy answer, decoded up to its end token."""
+  ends = end_ids(tokenizer, model.config)
+  tokens = generate_ids(
+    model, variables, prompts, tokenizer, batch_size, max_new_tokens
+  )
+  return [decode_answer(row, ends, tokenizer) for row in tokens]
 
 
 def same_answer(said: str, expected: str) -> bool:

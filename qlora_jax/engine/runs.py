@@ -18,7 +18,7 @@ from qlora_jax import models
 from qlora_jax import nn as qnn
 from qlora_jax.engine import setup
 from qlora_jax.engine.checkpoint import Checkpoints
-from qlora_jax.engine.settings import Settings
+from qlora_jax.engine.settings import Settings, recorded
 from qlora_jax.interop import gguf_export, hf_export, naming, peft
 
 
@@ -69,7 +69,7 @@ def read_settings(workdir: str | pathlib.Path) -> Settings:
   if not config_file.is_file():
     raise ValueError(f"--workdir: no config.json in {workdir}")
   try:
-    return Settings.from_config(json.loads(config_file.read_text()))
+    return Settings.from_config(recorded(json.loads(config_file.read_text())))
   except ValueError as e:
     raise ValueError(f"{config_file}: {e}") from e
 

@@ -225,6 +225,25 @@ class Settings:
     )
 
 
+# Fields added after runs were first recorded, with the value every older
+# run had: a recorded config.json without them reads as that run was made
+# (`recorded`); a config given for a new run must still name every field.
+ADDED_FIELDS = {"lora.qa": False}
+
+
+def recorded(config: Mapping[str, Any]) -> dict[str, Any]:
+  """A run's recorded config (its config.json) with `ADDED_FIELDS` filled
+  in where it predates them."""
+  if not isinstance(config, Mapping):
+    return config
+  out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
+  for key, value in ADDED_FIELDS.items():
+    section, field = key.split(".")
+    if isinstance(out.get(section), dict):
+      out[section].setdefault(field, value)
+  return out
+
+
 def _check(sec: dict[str, Any], errors: list[str]) -> None:
   """Range and consistency checks of the sections that parsed."""
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from absl import logging
 
+from qlora_jax.engine.settings import recorded
+
 CONFIG = "config.json"
 LOCK = "run.lock"
 # How a run is launched and how much it prints: never compared.
@@ -93,7 +95,7 @@ def check_config(
   if not path.is_file():
     return
   try:
-    old = json.loads(path.read_text())
+    old = recorded(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
     raise WorkdirError(f"{path}: not readable JSON ({e})") from e
   diff = {
