@@ -152,7 +152,17 @@ def test_a_seed_of_the_table_on_a_tiny_gguf(tmp_path):
   config.train.steps = 2
   config.train.eval_every = 2
   config.opt.learning_rate = 3e-2
-  out = merging.run_seed(config, tmp_path / "table", 0, say=lambda _: None)
+  # The two runs trained here in-process (run_seed would spawn one process
+  # per run, as sweeps do); run_seed finds them done.
+  from qlora_jax.ablations import sweep  # noqa: PLC0415
+  from qlora_jax.engine import train  # noqa: PLC0415
+
+  for name, overrides in merging.RUNS.items():
+    cfg = sweep.apply_overrides(config, {**overrides, "train.seed": 0})
+    train.train_and_evaluate(cfg, str(tmp_path / "table" / "seed0" / name))
+  said = []
+  out = merging.run_seed(config, tmp_path / "table", 0, say=said.append)
+  assert not any("training" in line for line in said)
   got = {r["row"]: r for r in out}
   assert sorted(got) == list("abcdef")
   for row in ("b", "e"):  # float32 sums in another order: 1e-5
@@ -162,5 +172,5 @@ def test_a_seed_of_the_table_on_a_tiny_gguf(tmp_path):
   assert got["f"]["base_bytes"] == got["d"]["base_bytes"]
   assert got["b"]["base_bytes"] > got["a"]["base_bytes"]  # float32 now
   # A rerun finds every row done and trains nothing.
-  again = merging.run_seed(config, tmp_path / "table", 0, say=print)
-  assert again == out
+  again = merging.run_seed(config, tmp_path / "table", 0, say=said.append)
+  assert again == out and len(said) == 6  # one line per row, the first time
