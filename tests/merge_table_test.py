@@ -77,8 +77,8 @@ def test_markdown_shows_mean_interval_and_n():
   table = merging.markdown(rows).splitlines()
   half = 4.302653 * 0.1 / math.sqrt(3)
   line_a = next(t for t in table if t.startswith("| a |"))
-  assert f"0.500 +- {half:.3f}" in line_a and line_a.endswith("| 3 |")
-  assert "| 2.0 +- 0.0 |" in line_a  # 2 MB on every seed
+  assert f"0.500 ± {half:.3f}" in line_a and line_a.endswith("| 3 |")
+  assert "| 2.0 |" in line_a  # 2 MB on every seed: no interval
   line_b = next(t for t in table if t.startswith("| b |"))
   assert "| 0.25 |" in line_b and line_b.endswith("| 1 |")
   line_c = next(t for t in table if t.startswith("| c |"))

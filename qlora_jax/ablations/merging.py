@@ -252,13 +252,14 @@ def _cell(values: list[float], fmt: str, scale: float = 1.0) -> str:
   mean, half, n = results.interval([v / scale for v in values])
   if n == 0:
     return "-"
-  if n == 1 or half != half:
+  if n == 1 or len(set(values)) == 1:
     return f"{mean:{fmt}}"
-  return f"{mean:{fmt}} +- {half:{fmt}}"
+  return f"{mean:{fmt}} ± {half:{fmt}}"
 
 
 def markdown(rows: list[dict]) -> str:
-  """The table: mean +- 95% Student t interval over seeds, and n."""
+  """The table: mean ± the half-width of the 95% Student t interval over
+  seeds (none when every seed gave the same value), and n."""
   head = ["row", "model"] + [h for _, h, _ in COLUMNS] + ["n"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row, (what, _) in ROWS.items():
