@@ -21,7 +21,6 @@ runs and rows.
 """
 
 import dataclasses
-import functools
 import json
 import pathlib
 from collections.abc import Callable, Sequence
@@ -68,28 +67,27 @@ class Outputs:
   base_bytes: int
 
 
-def _base_bytes(variables) -> int:
-  flat = qnn.flatten(variables)
-  return sum(
-    int(getattr(v, "nbytes", 0)) for p, v in flat.items() if p[0] == qnn.BASE
-  )
-
-
 def evaluate(model, variables, settings, run_data, prompts) -> Outputs:
   """Eval loss, answers, greedy tokens and answer-position logits."""
-  fn = jax.jit(functools.partial(losses.logits, model, deterministic=True))
+  task = settings.model.task
+
+  @jax.jit
+  def fn(variables, batch):
+    out = losses.logits(model, variables, batch, True)
+    return losses.loss_sums(task, out, batch), out
+
   sums = {"loss": 0.0, "weight": 0.0, "correct": 0.0}
   kept = []
   it = data.EvalIterator(run_data.eval, settings.train.batch_size)
   for batch in it:
-    out = fn(variables, batch)
-    for k, v in losses.loss_sums(settings.model.task, out, batch).items():
+    batch_sums, out = fn(variables, batch)
+    for k, v in batch_sums.items():
       sums[k] += float(v)
     mask = (
       np.asarray(batch["loss_mask"]) * np.asarray(batch["weights"])[:, None]
     )
     kept.append(np.asarray(out)[mask > 0])
-  metrics = losses.summarize(settings.model.task, sums)
+  metrics = losses.summarize(task, sums)
   ends = answers.end_ids(run_data.tokenizer, model.config)
   tokens = answers.generate_ids(
     model,
@@ -108,28 +106,21 @@ def evaluate(model, variables, settings, run_data, prompts) -> Outputs:
     said,
     tokens,
     np.concatenate(kept),
-    _base_bytes(variables),
+    qnn.num_bytes(variables[qnn.BASE]),
   )
 
 
 def _variants(workdir: pathlib.Path, runs_dir: dict[str, pathlib.Path]):
   """{row: () -> (model, variables)} built lazily from the trained runs."""
 
-  def restored(name):
-    return runs.restore(runs_dir[name])
-
-  def a():
-    run = restored("qlora")
+  def trained(name):
+    run = runs.restore(runs_dir[name])
     return run.lm.model, run.lm.variables
 
   def merged(name, requantize):
-    run = restored(name)
+    run = runs.restore(runs_dir[name])
     variables, plan = interop.merge(run.lm.variables, run.lm.plan, requantize)
     return interop.merged_model(run.lm.model, plan), variables
-
-  def d():
-    run = restored("qa_lora")
-    return run.lm.model, run.lm.variables
 
   def f():
     out = workdir / "qa_lora_merged.gguf"
@@ -143,10 +134,10 @@ def _variants(workdir: pathlib.Path, runs_dir: dict[str, pathlib.Path]):
     return lm.model, lm.variables
 
   return {
-    "a": a,
+    "a": lambda: trained("qlora"),
     "b": lambda: merged("qlora", False),
     "c": lambda: merged("qlora", True),
-    "d": d,
+    "d": lambda: trained("qa_lora"),
     "e": lambda: merged("qa_lora", True),
     "f": f,
   }

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from qlora_jax.engine.metrics import read_metrics
+
 DONE = "final_metrics.json"
 ERROR = "error.txt"
 POINT = "point.json"
@@ -78,14 +80,9 @@ def untrained_loss(point: dict) -> float | None:
   evaluation when the run made one; for a classifier without one, ln(the
   number of classes), a uniform guess's loss; else None."""
   d = point["dir"]
-  metrics_file = d / "metrics.jsonl"
-  if metrics_file.is_file():
-    for line in metrics_file.read_text().splitlines():
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if r.get("kind") == "eval" and r.get("step") == 0 and "loss" in r:
+  if (d / "metrics.jsonl").is_file():
+    for r in read_metrics(d / "metrics.jsonl"):
+      if r["kind"] == "eval" and r["step"] == 0 and "loss" in r:
         return float(r["loss"])
   labels = d / "labels.json"
   if labels.is_file():

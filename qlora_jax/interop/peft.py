@@ -20,7 +20,6 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from absl import logging
@@ -73,7 +72,7 @@ def adapter_tensors(
         one = value if layer is None else value[layer]
         if leaf == "lora_a" and spec.qa:  # a LoRA A of block-repeated rows
           base = names.tensor((qnn.BASE, *path.split("/"), "weight"), layer)
-          one = np.asarray(qnn.full_a(jnp.asarray(one), base.shape[-1]))
+          one = np.asarray(qnn.full_a(one, base.shape[-1]))
         one = one.T if one.ndim == 2 else one
         tensors[PREFIX + module + LORA_KEYS[leaf]] = np.ascontiguousarray(one)
   saved = _modules_to_save(flat, names, set(specs))
