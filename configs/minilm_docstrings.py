@@ -99,6 +99,9 @@ def get_config() -> config_dict.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.log_every = 10
   c.train.show_predictions = 6
+  # Before loading: a run the memory model predicts not to fit a device
+  # is refused ("error"), or only warned of ("warn"), or not checked.
+  c.train.memory_check = "error"
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1  # -1: every device not used by fsdp

@@ -8,7 +8,6 @@ checkpoint, a failing one is recorded (error.txt) and the others go on.
 Then `python -m experiments.tables --sweep DIR` renders the results.
 """
 
-import importlib.util
 import sys
 
 from absl import app, flags
@@ -22,19 +21,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def config_module(path: str):
-  """The config file as a module (its get_sweep, get_table...)."""
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def main(argv):
   del argv
   console.configure_logging()
   path = flags.FLAGS["config"].config_filename
-  module = config_module(path)
+  module = sweep.config_module(path)
   if not hasattr(module, "get_sweep"):
     raise ValueError(f"{path} defines no get_sweep()")
   table = module.get_table() if hasattr(module, "get_table") else None

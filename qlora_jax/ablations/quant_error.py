@@ -113,7 +113,7 @@ def output_error(reference, quantized, segments, is_encoder) -> dict:
   }
 
 
-def _quantized_model(spec, variables, quantized: dict, s: Setting):
+def quantized_model(spec, variables, quantized: dict, s: Setting):
   """The model with every linear layer quantized, reusing `quantized`."""
   plan = models.model_plan(spec, None, s.config(), False)
   model = spec.build(models.Options(plan))
@@ -157,7 +157,7 @@ def measure(
   results = {}
   for s in settings:
     metrics, quantized = weight_errors(weights, s)
-    model, variables = _quantized_model(spec, base.variables, quantized, s)
+    model, variables = quantized_model(spec, base.variables, quantized, s)
     out = apply(model, variables)
     metrics.update(output_error(reference, out, segments, is_encoder))
     metrics["bits"] = quant.get_data_type(s.data_type).bits

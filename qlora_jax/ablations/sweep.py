@@ -13,6 +13,7 @@ a crash or a leak in one cannot take the others down.
 """
 
 import dataclasses
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -26,6 +27,14 @@ from typing import Any
 from ml_collections import config_dict
 
 from qlora_jax.ablations.results import DONE, ERROR, POINT
+
+
+def config_module(path: str | pathlib.Path):
+  """A config file as a module (its get_config, get_sweep, get_table...)."""
+  spec = importlib.util.spec_from_file_location("sweep_config", str(path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 @dataclasses.dataclass(frozen=True)

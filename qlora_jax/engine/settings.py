@@ -135,6 +135,7 @@ class TrainSettings:
   keep_checkpoints: int
   log_every: int
   show_predictions: int
+  memory_check: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +229,7 @@ class Settings:
 # Fields added after runs were first recorded, with the value every older
 # run had: a recorded config.json without them reads as that run was made
 # (`recorded`); a config given for a new run must still name every field.
-ADDED_FIELDS = {"lora.qa": False}
+ADDED_FIELDS = {"lora.qa": False, "train.memory_check": "error"}
 
 
 def recorded(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -379,6 +380,11 @@ def _check(sec: dict[str, Any], errors: list[str]) -> None:
     at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
     at_least("train.log_every", t.log_every, 1)
     at_least("train.show_predictions", t.show_predictions, 0)
+    if t.memory_check not in ("error", "warn", "off"):
+      bad(
+        "train.memory_check",
+        f"{t.memory_check!r} is not one of 'error', 'warn', 'off'",
+      )
   if mesh:
     for field in ("data", "fsdp"):
       value = getattr(mesh, field)

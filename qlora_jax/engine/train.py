@@ -21,12 +21,13 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from qlora_jax import data
+from qlora_jax import data, models
 from qlora_jax import nn as qnn
 from qlora_jax.engine import (
   answers,
   console,
   losses,
+  memory,
   optim,
   profiling,
   setup,
@@ -111,6 +112,7 @@ def _set_up(s: Settings, workdir: pathlib.Path) -> Run:
     )
   run_data = setup.make_data(s, tokenizer, workdir)
   num_labels = len(run_data.label_map) if run_data.label_map else None
+  _check_memory(s, mesh, num_labels)
   loaded = setup.load_model(s, num_labels, place=setup.place_on(mesh))
   trainable, frozen = setup.split_variables(s, loaded.variables)
   _warn_if_it_cannot_learn(s, trainable, run_data)
@@ -167,6 +169,19 @@ def _set_up(s: Settings, workdir: pathlib.Path) -> Run:
     prompts,
     plan_lines,
   )
+
+
+def _check_memory(s: Settings, mesh, num_labels: int | None) -> None:
+  """Refuses (or warns of) a run the memory model says cannot fit, before
+  anything is loaded."""
+  if s.model.checkpoint:
+    path = setup.resolve_checkpoint(s.model.checkpoint)
+    config = models.checkpoint_config(path)
+  else:
+    config = models.from_dict(dict(s.model.hf_config))
+  warning = memory.check_fits(s, config, mesh.size, num_labels=num_labels)
+  if warning:
+    logging.warning("%s", warning)
 
 
 def _warn_if_it_cannot_learn(s: Settings, trainable, run_data) -> None:

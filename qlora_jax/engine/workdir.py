@@ -28,6 +28,7 @@ IGNORED_FIELDS = (
   "train.keep_checkpoints",
   "train.log_every",
   "train.show_predictions",
+  "train.memory_check",
   "model.matmul_kernel",
   "mesh.data",
   "mesh.fsdp",

@@ -155,6 +155,8 @@ def resolve_kernel(kernel: str, qt: quant.QuantizedTensor) -> str:
       )
     return "pallas"
   # One device: the kernel is not partitioned over a mesh (no shard_map).
+  if pallas_matmul.lowering_target() is not None:  # lowering for a device
+    return "pallas" if reason is None else "xla"
   on_accelerator = jax.default_backend() in ("gpu", "tpu")
   if on_accelerator and jax.device_count() == 1 and reason is None:
     return "pallas"

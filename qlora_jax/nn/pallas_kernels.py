@@ -96,7 +96,10 @@ def _expand_by_select(values, scales):
   spt = scales.shape[1]
   if spt == 1:
     return values * scales
-  block = lax.broadcasted_iota(jnp.int32, values.shape, 1) // (width // spt)
+  # lax.div, not //: floor division lowers through `sign`, whose Mosaic rule
+  # asks the device for its TPU generation (none when lowering elsewhere).
+  iota = lax.broadcasted_iota(jnp.int32, values.shape, 1)
+  block = lax.div(iota, jnp.int32(width // spt))
   expanded = scales[:, 0:1]
   for j in range(1, spt):
     expanded = jnp.where(block == j, scales[:, j : j + 1], expanded)
@@ -301,7 +304,10 @@ def tpu_forward(spec: Spec, x_even, x_odd, codes, absmax):
       x_spec,
       x_spec,
       pl.BlockSpec((bn, half), lambda i, j, k: (j, k)),
-      pl.BlockSpec((pl.squeezed, bn, spt), lambda i, j, k: (k // tps, j, 0)),
+      pl.BlockSpec(
+        (pl.squeezed, bn, spt),
+        lambda i, j, k: (lax.div(k, jnp.int32(tps)), j, 0),
+      ),
     ],
     out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
     scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
@@ -326,7 +332,10 @@ def tpu_input_grad(spec: Spec, g, codes, absmax):
     in_specs=[
       pl.BlockSpec((bm, bn), lambda i, k, j: (i, j)),
       pl.BlockSpec((bn, half), lambda i, k, j: (j, k)),
-      pl.BlockSpec((pl.squeezed, bn, spt), lambda i, k, j: (k // tps, j, 0)),
+      pl.BlockSpec(
+        (pl.squeezed, bn, spt),
+        lambda i, k, j: (lax.div(k, jnp.int32(tps)), j, 0),
+      ),
     ],
     out_specs=(out_spec, out_spec),
     scratch_shapes=[pltpu.VMEM((bm, half), jnp.float32)] * 2,

@@ -29,6 +29,7 @@ Either target runs on the CPU in Pallas interpret mode (the tests check
 both there against the XLA path).
 """
 
+import contextlib
 import dataclasses
 
 import jax
@@ -126,18 +127,49 @@ def _check_tiles(tiles: Tiles, target: str, block_size: int) -> None:
         raise ValueError(f"tiles.{name}={v}: Triton needs a power of 2 >= 16")
 
 
+# Set by `lowering_for`: the kernels' target while lowering for a platform
+# this process has no device of (jax.export from the CPU).
+_LOWERING_TARGET: str | None = None
+PLATFORM_TARGETS = {"cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str):
+  """Within: the kernels are built for `platform` ("cuda", "rocm", "tpu"),
+  not interpreted, and `matmul.resolve_kernel("auto")` picks them, so that
+  `jax.export(..., platforms=[platform])` on a CPU-only machine lowers the
+  program that device would run (Triton as an `__gpu$xla.gpu.triton` call,
+  Mosaic as a `tpu_custom_call`)."""
+  global _LOWERING_TARGET
+  if platform not in PLATFORM_TARGETS:
+    raise ValueError(
+      f"platform {platform!r}: expected one of {sorted(PLATFORM_TARGETS)}"
+    )
+  before, _LOWERING_TARGET = _LOWERING_TARGET, PLATFORM_TARGETS[platform]
+  try:
+    yield
+  finally:
+    _LOWERING_TARGET = before
+
+
+def lowering_target() -> str | None:
+  """The target of an active `lowering_for`, else None."""
+  return _LOWERING_TARGET
+
+
 def _setup(qt, dtype, target, tiles, interpret, kind, m):
   reason = unsupported_reason(qt)
   if reason is not None:
     raise ValueError(f"Pallas 4-bit matmul: {reason}")
-  target = target or default_target()
+  target = target or _LOWERING_TARGET or default_target()
   if target not in TARGETS:
     raise ValueError(f"target {target!r}: expected one of {TARGETS}")
   n, k = qt.shape
   tiles = tiles or default_tiles(target, kind, m, n, k, qt.block_size)
   _check_tiles(tiles, target, qt.block_size)
   if interpret is None:
-    interpret = jax.default_backend() not in ("gpu", "tpu")
+    on_device = jax.default_backend() in ("gpu", "tpu")
+    interpret = not on_device and _LOWERING_TARGET is None
   table = tuple(float(v) for v in get_data_type(qt.data_type).values)
   spec = kernels.Spec(
     m=m,

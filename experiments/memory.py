@@ -1,0 +1,109 @@
+"""What a run will need per device, and the largest Llama shape that fits.
+
+python -m experiments.memory [--config configs/default.py]
+  [--devices 8 --device_memory 16GiB] [--config.train.batch_size=...]
+
+Prints the memory model's breakdown of the config's run (frozen weights,
+trainable parameters, gradients, optimizer state, activations, the largest
+transient), per device over `--devices` devices as the config's mesh
+splits them, then for every Llama family shape (1B to 65B) and training
+mode the predicted bytes per device at the config's batch, sequence
+length, LoRA rank, remat and compute dtype, and the largest shape of each
+mode that fits `--device_memory` (default: this machine's memory). Nothing
+is loaded or allocated.
+"""
+
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from qlora_jax import models
+from qlora_jax.engine import console, lowering, memory, setup
+from qlora_jax.engine.settings import Settings
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/default.py", "Config file.", lock_config=True
+)
+_DEVICES = flags.DEFINE_integer("devices", 1, "Devices of the mesh.")
+_MEMORY = flags.DEFINE_string(
+  "device_memory", None, "Memory of one device (16GiB, 80GB); default: here."
+)
+_LOWER = flags.DEFINE_list(
+  "lower",
+  [],
+  "Also lower the config's whole train step with jax.export for these "
+  "platforms (cuda, rocm, tpu), fused kernels included.",
+)
+_SHAPES = flags.DEFINE_bool(
+  "shapes", True, "Also tabulate the Llama family shapes."
+)
+
+
+def main(argv):
+  del argv
+  console.configure_logging()
+  try:
+    s = Settings.from_config(_CONFIG.value)
+    device_memory = (
+      memory.parse_bytes(_MEMORY.value)
+      if _MEMORY.value
+      else memory.available_memory()
+    )
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  if s.model.checkpoint:
+    config = models.checkpoint_config(
+      setup.resolve_checkpoint(s.model.checkpoint)
+    )
+  else:
+    config = models.from_dict(dict(s.model.hf_config))
+  n = _DEVICES.value
+  p = memory.predict_settings(s, config, n, num_labels=2)
+  where = f"{n} device(s)" if n > 1 else "one device"
+  print(
+    f"{s.model.checkpoint or config.model_type}: {p.params / 1e6:,.1f}M "
+    f"parameters, {p.trainable_params / 1e6:,.2f}M trainable, batch "
+    f"{s.train.batch_size} x {s.data.max_length} tokens, remat "
+    f"{s.model.remat}, on {where} of {memory.format_bytes(device_memory)}"
+  )
+  for line in p.lines():
+    print(line)
+  print("fits" if p.total <= device_memory else "DOES NOT FIT")
+  for platform in _LOWER.value:
+    start = time.perf_counter()
+    low = lowering.export_train_step(s, config, platform, num_labels=2)
+    calls = ", ".join(f"{k} x{v}" for k, v in low.custom_calls.items())
+    print(
+      f"lowered for {platform} in {time.perf_counter() - start:.1f} s: "
+      f"{len(low.text) / 1e6:.2f} MB of StableHLO; custom calls: "
+      f"{calls or 'none'}"
+    )
+  if not _SHAPES.value:
+    return
+  rank = s.lora.rank
+  data, fsdp = s.mesh.data, s.mesh.fsdp
+  fsdp = n // max(1, data) if fsdp == -1 else fsdp
+  data = n // max(1, fsdp) if data == -1 else data
+  print(
+    f"\nLlama shapes, GiB per device (LoRA r={rank} on all linear layers; "
+    f"mesh data {data} x fsdp {fsdp}; '(no)': does not fit)"
+  )
+  lines, largest = memory.plan_table(
+    device_memory,
+    rank=rank,
+    batch=s.train.batch_size,
+    seq=s.data.max_length,
+    mesh=(data, fsdp),
+    remat=s.model.remat,
+    dtype=setup.DTYPES[s.model.dtype],
+  )
+  for line in lines:
+    print(line)
+  for mode, name in largest.items():
+    print(f"largest that fits, {mode}: {name or 'none'}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,519 @@
+"""What a training step holds, per device, predicted before anything loads.
+
+`predict` takes a model config, the plan (quantization, adapters), the
+training mode, batch and sequence length, remat and the mesh, and returns
+a `Breakdown` in bytes:
+- weights, gradients and optimizer state: exact, from the abstract shapes
+  of the model's variables (`jax.eval_shape`, nothing allocated; packed
+  codes and every scale included) and of the optimizer's state, each leaf
+  divided over the fsdp axis as `sharding.leaf_spec` splits it;
+- activations kept for the backward pass and the largest transient: a
+  formula in the step's tensor sizes (per device: tokens N = batch * seq
+  / devices, hidden h, MLP width I, heads, vocab V), whose coefficients
+  are the live copies of each tensor that XLA's buffer assignment keeps.
+  They were measured on XLA:CPU compiles of small Llama-shaped steps
+  (`tests/memory_test.py` checks the whole prediction against XLA's
+  compiled memory on configs it was not fitted to); GPU and TPU fuse
+  differently, so treat their figures as estimates of the same order.
+
+With remat, one hidden state [N, h] per layer is kept; the backward of one
+layer recomputes its forward, and that layer's working set (attention
+scores [b, heads, s, s], MLP activations [N, I], the dequantized weights)
+or one chunk of logits and its gradient [chunk, V] is the transient,
+whichever is larger. Without remat every layer keeps its activations (and,
+for a quantized base, its dequantized weights).
+"""
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qlora_jax import models, quant
+from qlora_jax import nn as qnn
+from qlora_jax.engine import losses, optim, setup, sharding
+
+MiB, GiB = 2**20, 2**30
+
+# Live copies of each per-layer tensor during the backward of one
+# rematerialised layer (fitted on XLA:CPU, jax 0.10.2): [N, h], [N, I],
+# attention scores (float32), the largest linear weight dequantized (a
+# float base needs fewer copies), and a fixed part.
+LAYER_COPIES = {"hidden": 13.7, "mlp": 8.7, "scores": 5.1, "fixed": 1 * MiB}
+WEIGHT_COPIES = {"quantized": 3.8, "float": 1.8}
+# Without remat, kept per layer for the backward pass (in float32 even
+# with a bfloat16 compute dtype: XLA:CPU saves upcast values).
+SAVED_COPIES = {"hidden": 13.6, "mlp": 0.3, "scores": 1.9}
+# One chunk of float32 logits and its gradient.
+HEAD_COPIES = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """What the activation formula needs of a model config."""
+
+  hidden: int
+  layers: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  intermediate: int
+  vocab: int
+
+  @classmethod
+  def of(cls, config) -> "Shape":
+    heads = config.num_heads
+    return cls(
+      hidden=config.hidden_size,
+      layers=config.num_layers,
+      heads=heads,
+      kv_heads=getattr(config, "num_kv_heads", heads),
+      head_dim=getattr(config, "head_dim", config.hidden_size // heads),
+      intermediate=config.intermediate_size,
+      vocab=config.vocab_size,
+    )
+
+  @property
+  def layer_linear_params(self) -> int:
+    h, q = self.hidden, self.heads * self.head_dim
+    kv = self.kv_heads * self.head_dim
+    return h * q + 2 * h * kv + q * h + 3 * h * self.intermediate
+
+  @property
+  def largest_linear(self) -> int:
+    q = self.heads * self.head_dim
+    return max(self.hidden * self.intermediate, self.hidden * q)
+
+
+@dataclasses.dataclass(frozen=True)
+class Breakdown:
+  """Bytes per device of one training step."""
+
+  frozen_quantized: int  # packed codes and scales of the frozen base
+  frozen_float: int  # frozen weights left in floats (embeddings, norms...)
+  trainable: int  # the parameters optax updates
+  gradients: int
+  optimizer: int  # optimizer state (AdamW: two moments)
+  batch: int  # the step's input arrays
+  activations: int  # kept for the backward pass
+  transient: int  # the largest working set on top of all the above
+  transient_kind: str  # "layer backward" or "logits chunk"
+  upcast: int = 0  # a compute-dtype copy of a float base of another dtype
+  devices: int = 1
+  params: int = 0  # parameters of the model (quantized ones counted whole)
+  trainable_params: int = 0
+
+  FIELDS = (
+    "frozen_quantized",
+    "frozen_float",
+    "trainable",
+    "gradients",
+    "optimizer",
+    "batch",
+    "activations",
+    "upcast",
+    "transient",
+  )
+
+  @property
+  def total(self) -> int:
+    return sum(getattr(self, f) for f in self.FIELDS)
+
+  def lines(self) -> list[str]:
+    """One line per part and the total, in GiB (MiB under 1 GiB)."""
+    out = []
+    for f in self.FIELDS:
+      name = f.replace("_", " ")
+      if f == "transient":
+        name += f" ({self.transient_kind})"
+      out.append(f"  {name:<30} {format_bytes(getattr(self, f)):>12}")
+    per = " per device" if self.devices > 1 else ""
+    out.append(f"  {'total' + per:<30} {format_bytes(self.total):>12}")
+    return out
+
+
+def format_bytes(n: float) -> str:
+  if abs(n) >= GiB:
+    return f"{n / GiB:,.2f} GiB"
+  return f"{n / MiB:,.1f} MiB"
+
+
+def parse_bytes(text: str) -> int:
+  """'16GiB', '80 GB', '512MiB', '1024' (bytes) -> bytes.
+
+  Raises:
+    ValueError: naming the text.
+  """
+  units = {"": 1, "b": 1, "kib": 2**10, "mib": MiB, "gib": GiB, "tib": 2**40}
+  units.update(kb=10**3, mb=10**6, gb=10**9, tb=10**12)
+  s = str(text).strip().lower().replace(" ", "")
+  i = len(s)
+  while i and not s[i - 1].isdigit():
+    i -= 1
+  number, unit = s[:i], s[i:]
+  try:
+    value = float(number)
+  except ValueError:
+    value = -1.0
+  if unit not in units or value <= 0:
+    raise ValueError(f"{text!r} is not a memory size (e.g. 16GiB, 80GB)")
+  return int(value * units[unit])
+
+
+def _leaf_bytes(leaf, fsdp: int) -> int:
+  """Bytes of one array on one device, sharded as `sharding.leaf_spec`."""
+  n = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+  spec = sharding.leaf_spec(leaf.shape, fsdp)
+  return n // fsdp if any(a is not None for a in spec) else n
+
+
+def _tree_bytes(tree, fsdp: int) -> int:
+  return sum(_leaf_bytes(x, fsdp) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _split_frozen(frozen, fsdp: int) -> tuple[int, int]:
+  q = f = 0
+  for leaf in qnn.flatten(frozen).values():
+    if isinstance(leaf, quant.QuantizedTensor):
+      q += _tree_bytes(leaf, fsdp)
+    else:
+      f += _leaf_bytes(leaf, fsdp)
+  return q, f
+
+
+def predict(
+  config,
+  *,
+  lora: Mapping[str, Any] | None,
+  quant_plan: Mapping[str, Any] | None,
+  train_patterns: Sequence[str] = (),
+  batch: int,
+  seq: int,
+  remat: bool = True,
+  dtype: Any = jnp.float32,
+  base_dtype: Any = jnp.float32,
+  mesh: tuple[int, int] = (1, 1),
+  tx: optax.GradientTransformation | None = None,
+  task: str = "causal_lm",
+  num_labels: int | None = None,
+) -> Breakdown:
+  """The per-device memory of a training step (see the module docstring).
+
+  Args:
+    config: a parsed model config (`models.read_config`, `from_dict`).
+    lora, quant_plan: the mappings `models.model_plan` takes (None: no
+      adapters / a float base).
+    train_patterns: base variables that train too (".*" for full
+      fine-tuning; then `lora` and `quant_plan` are None).
+    batch, seq: the global batch and its sequence length.
+    dtype, base_dtype: compute dtype and the dtype a float base is held in.
+    mesh: (data, fsdp); the batch is split over both, weights over fsdp.
+    tx: the optimizer (default: AdamW, the engine's).
+
+  Raises:
+    ValueError: the batch does not divide over the devices.
+  """
+  data, fsdp = mesh
+  devices = data * fsdp
+  if batch % devices:
+    raise ValueError(f"batch {batch} does not divide over {devices} devices")
+  dtype, base_dtype = jnp.dtype(dtype), jnp.dtype(base_dtype)
+  spec = models.ModelSpec(config, task, num_labels)
+  plan = models.model_plan(spec, lora, quant_plan, True)
+  opts = models.Options(plan, dtype, base_dtype, remat, True)
+  abstract = spec.abstract_variables(opts)
+  trainable, frozen = qnn.split_trainable(abstract, train_patterns)
+  tx = tx or optax.adamw(1e-4)
+  opt_state = jax.eval_shape(tx.init, trainable)
+  fq, ff = _split_frozen(frozen, fsdp)
+  t_bytes = _tree_bytes(trainable, fsdp)
+  s = Shape.of(config)
+  cb = dtype.itemsize
+  b = batch // devices
+  n = b * seq
+  hidden, mlp = n * s.hidden * cb, n * s.intermediate * cb
+  scores = b * s.heads * seq * seq * 4
+  quantized = quant_plan is not None
+  w = (
+    s.largest_linear * cb * WEIGHT_COPIES["quantized" if quantized else "float"]
+  )
+  layer = (
+    LAYER_COPIES["hidden"] * hidden
+    + LAYER_COPIES["mlp"] * mlp
+    + LAYER_COPIES["scores"] * scores
+    + w
+    + LAYER_COPIES["fixed"]
+  )
+  most = max(8, min(n, losses.LM_CHUNK_ELEMENTS // s.vocab))
+  chunk, _ = losses.lm_chunks(n, most)
+  head = HEAD_COPIES * chunk * s.vocab * 4 if task == "causal_lm" else 0
+  if remat:
+    saved = s.layers * hidden
+  else:
+    saved = s.layers * (
+      SAVED_COPIES["hidden"] * n * s.hidden * 4
+      + SAVED_COPIES["mlp"] * n * s.intermediate * 4
+      + SAVED_COPIES["scores"] * scores
+      + (s.layer_linear_params * 4 if quantized else 0)
+    )
+  # A float base held in another dtype than the compute dtype: XLA:CPU
+  # converts the whole stacked base once, outside the layer loop.
+  upcast = 0
+  if not quantized and base_dtype != dtype and not train_patterns:
+    upcast = s.layers * s.layer_linear_params * cb // fsdp
+  if fsdp > 1:  # one layer's frozen weights gathered whole from the shards
+    whole_q, whole_f = _split_frozen(frozen, 1)
+    layer += (whole_q + whole_f - s.vocab * s.hidden * base_dtype.itemsize) / (
+      s.layers
+    )
+  kind = "layer backward" if layer >= head else "logits chunk"
+  return Breakdown(
+    frozen_quantized=fq,
+    frozen_float=ff,
+    trainable=t_bytes,
+    gradients=t_bytes,
+    optimizer=_tree_bytes(opt_state, fsdp),
+    batch=5 * n * 4,
+    activations=int(saved),
+    transient=int(max(layer, head)),
+    transient_kind=kind,
+    upcast=int(upcast),
+    devices=devices,
+    params=qnn.num_params(abstract),
+    trainable_params=qnn.num_params(trainable),
+  )
+
+
+# Llama-family shapes (vocabulary 32,000, untied head): Llama-2 7B / 13B,
+# LLaMA 33B / 65B, and two smaller ones of the same family for the curve
+# (TinyLlama-1.1B's shape, OpenLLaMA-3B's).
+FAMILY: dict[str, dict[str, int]] = {
+  "1b": {"hidden": 2048, "layers": 22, "heads": 32, "kv": 4, "mlp": 5632},
+  "3b": {"hidden": 3200, "layers": 26, "heads": 32, "kv": 32, "mlp": 8640},
+  "7b": {"hidden": 4096, "layers": 32, "heads": 32, "kv": 32, "mlp": 11008},
+  "13b": {"hidden": 5120, "layers": 40, "heads": 40, "kv": 40, "mlp": 13824},
+  "33b": {"hidden": 6656, "layers": 60, "heads": 52, "kv": 52, "mlp": 17920},
+  "65b": {"hidden": 8192, "layers": 80, "heads": 64, "kv": 64, "mlp": 22016},
+}
+VOCAB = 32_000
+
+
+def family_config_dict(name: str) -> dict[str, Any]:
+  """The config.json (as a dict) of a `FAMILY` shape."""
+  if name not in FAMILY:
+    raise ValueError(f"unknown shape {name!r}, expected one of {list(FAMILY)}")
+  f = FAMILY[name]
+  return {
+    "model_type": "llama",
+    "vocab_size": VOCAB,
+    "hidden_size": f["hidden"],
+    "intermediate_size": f["mlp"],
+    "num_hidden_layers": f["layers"],
+    "num_attention_heads": f["heads"],
+    "num_key_value_heads": f["kv"],
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """A training mode as the memory model needs it."""
+
+  name: str
+  lora: bool
+  quant: Mapping[str, Any] | None
+  base_dtype: str
+  full: bool = False
+
+
+MODES = (
+  Mode("full", False, None, "float32", full=True),
+  Mode("lora_f32", True, None, "float32"),
+  Mode("lora_bf16", True, None, "bfloat16"),
+  Mode(
+    "qlora_nf4_dq",
+    True,
+    {"data_type": "nf4", "block_size": 64, "double_quant": True},
+    "float32",
+  ),
+)
+
+
+def predict_mode(
+  config, mode: Mode, *, rank: int, batch: int, seq: int, **kw
+) -> Breakdown:
+  """`predict` for one of `MODES` with LoRA of `rank` on every linear
+  layer."""
+  lora = {"rank": rank, "alpha": 2.0 * rank} if mode.lora else None
+  return predict(
+    config,
+    lora=lora,
+    quant_plan=mode.quant,
+    train_patterns=[".*"] if mode.full else [],
+    batch=batch,
+    seq=seq,
+    base_dtype=mode.base_dtype,
+    **kw,
+  )
+
+
+def plan_table(
+  device_memory: int,
+  *,
+  rank: int,
+  batch: int,
+  seq: int,
+  mesh: tuple[int, int] = (1, 1),
+  remat: bool = True,
+  dtype: Any = jnp.float32,
+  shapes: Sequence[str] = tuple(FAMILY),
+) -> tuple[list[str], dict[str, str | None]]:
+  """(lines of a table: predicted GiB per device of every shape and mode,
+  the largest shape that fits each mode) for devices of `device_memory`
+  bytes."""
+  header = f"  {'shape':<6} {'params':>8}" + "".join(
+    f" {m.name:>14}" for m in MODES
+  )
+  lines, largest = [header], dict.fromkeys((m.name for m in MODES), None)
+  for name in shapes:
+    config = models.from_dict(family_config_dict(name))
+    cells, params = [], 0
+    for m in MODES:
+      p = predict_mode(
+        config,
+        m,
+        rank=rank,
+        batch=batch,
+        seq=seq,
+        mesh=mesh,
+        remat=remat,
+        dtype=dtype,
+      )
+      params = p.params
+      fits = p.total <= device_memory
+      if fits:
+        largest[m.name] = name
+      cells.append(f"{p.total / GiB:.1f}" + ("" if fits else " (no)"))
+    lines.append(
+      f"  {name:<6} {params / 1e9:>7.2f}B" + "".join(f" {c:>14}" for c in cells)
+    )
+  return lines, largest
+
+
+def available_memory() -> int:
+  """Bytes one device can hold: an accelerator's limit, or the host's
+  physical memory for the CPU."""
+  dev = jax.local_devices()[0]
+  if dev.platform != "cpu":
+    stats = dev.memory_stats() or {}
+    if "bytes_limit" in stats:
+      return int(stats["bytes_limit"])
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def predict_settings(
+  s, config, devices: int, num_labels: int | None = None
+) -> Breakdown:
+  """`predict` for a run's `Settings` over `devices` devices (mesh and
+  micro-batches as the engine builds them; AdamW as `optim` makes it)."""
+  data, fsdp = s.mesh.data, s.mesh.fsdp
+  if fsdp == -1:
+    fsdp = devices // max(1, data)
+  if data == -1:
+    data = devices // max(1, fsdp)
+  tx, _ = optim.make_optimizer(s.opt, 1)
+  accum = s.train.grad_accum
+  p = predict(
+    config,
+    lora=s.lora_plan(),
+    quant_plan=s.quant_plan(),
+    train_patterns=s.train_patterns(),
+    batch=s.train.batch_size // accum,
+    seq=s.data.max_length,
+    remat=s.model.remat,
+    dtype=setup.DTYPES[s.model.dtype],
+    base_dtype=setup.DTYPES[s.model.base_dtype],
+    mesh=(data, fsdp),
+    tx=tx,
+    task=s.model.task,
+    num_labels=num_labels,
+  )
+  if accum > 1:  # the micro-batches' gradients are summed in a buffer
+    p = dataclasses.replace(p, gradients=2 * p.gradients)
+  return p
+
+
+def rough_bytes(config, batch: int, seq: int) -> int:
+  """A bound above every part of `predict` on one device, from the config
+  alone: every weight in float32 with gradients and two moments, every
+  layer's activations kept, the largest transients all at once."""
+  s = Shape.of(config)
+  positions = getattr(config, "max_positions", 0)
+  params = (
+    s.layers * (s.layer_linear_params + 8 * s.hidden)
+    + (2 * s.vocab + positions + 8) * s.hidden
+  )
+  n = batch * seq
+  per_layer = (
+    14 * n * s.hidden * 4
+    + 9 * n * s.intermediate * 4
+    + 6 * batch * s.heads * seq * seq * 4
+    + 2 * s.layer_linear_params * 4
+  )
+  return int(
+    16 * params
+    + (s.layers + 1) * per_layer
+    + 16 * s.largest_linear
+    + 2 * n * s.vocab * 4
+    + 20 * n
+    + 2 * MiB
+  )
+
+
+class DoesNotFitError(ValueError):
+  """A run predicted not to fit its devices (train.memory_check)."""
+
+
+def check_fits(
+  s,
+  config,
+  devices: int,
+  memory: int | None = None,
+  num_labels: int | None = None,
+) -> str:
+  """'' when the run fits, else the warning; raises under "error".
+
+  The full prediction runs only when `rough_bytes`, a bound above it,
+  exceeds the device's memory: small runs are never in doubt.
+
+  Raises:
+    DoesNotFitError: predicted total above the device's memory, with the
+      breakdown and how to proceed anyway (train.memory_check="warn").
+  """
+  if s.train.memory_check == "off":
+    return ""
+  memory = memory or available_memory()
+  if rough_bytes(config, s.train.batch_size, s.data.max_length) <= memory:
+    return ""
+  p = predict_settings(s, config, devices, num_labels)
+  if p.total <= memory:
+    return ""
+  message = (
+    f"the memory model predicts {format_bytes(p.total)} per device, more "
+    f"than the {format_bytes(memory)} a device has:\n"
+    + "\n".join(p.lines())
+    + "\nlower train.batch_size / data.max_length, turn on model.remat, "
+    "quantize the base, or add devices (mesh.fsdp); "
+    'train.memory_check="warn" runs it anyway'
+  )
+  if s.train.memory_check == "error":
+    raise DoesNotFitError(message)
+  return message
