@@ -47,6 +47,32 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _status_bytes(field: str) -> int:
+  """A `VmXXX:  N kB` line of /proc/self/status, in bytes."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def current_rss_bytes() -> int:
+  """Resident memory of this process now (Linux)."""
+  return _status_bytes("VmRSS")
+
+
+def reset_peak_rss() -> None:
+  """Starts a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs
+  resets VmHWM to the current resident size)."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
+def window_peak_rss_bytes() -> int:
+  """Peak resident memory since the last `reset_peak_rss` (VmHWM)."""
+  return _status_bytes("VmHWM")
+
+
 def release_host_memory() -> None:
   """Returns freed heap pages to the OS (glibc's malloc_trim; a no-op
   elsewhere). Compilation and loading free hundreds of MiB that the

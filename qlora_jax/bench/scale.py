@@ -1,0 +1,373 @@
+"""Large Llama checkpoints on disk, and training them from disk (bench_scale).
+
+`write_sharded_llama` writes a Llama-shaped Hugging Face folder with random
+weights as sharded safetensors (`model.safetensors.index.json`, shards of
+about `SHARD_BYTES`), one tensor at a time: each is generated, written and
+freed, so writing a 13B checkpoint never holds more than its largest
+tensor. Shards are written under a `.partial` folder renamed when complete;
+`cached_llama` reuses a complete folder.
+
+`train_from_disk` is one measured run in the calling process: the train
+step compiled from abstract shapes first, then `models.from_pretrained`
+(quantize-on-load), then the steps; the peak resident memory of loading
+and of training are measured separately (Linux's VmHWM, reset between the
+phases through /proc/self/clear_refs).
+"""
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import struct
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+
+from qlora_jax import models
+from qlora_jax import nn as qnn
+from qlora_jax.engine import memory, profiling, steps
+from qlora_jax.models.minilm import cache_dir
+
+SHARD_BYTES = 2 * 10**9
+INDEX = "model.safetensors.index.json"
+_ST_DTYPES = {
+  "bfloat16": ("BF16", ml_dtypes.bfloat16),
+  "float32": ("F32", np.float32),
+}
+
+
+def tensor_shapes(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+  """(Hugging Face name, shape) of every tensor of a Llama config, in the
+  order transformers writes them."""
+  h, inter = config["hidden_size"], config["intermediate_size"]
+  heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+  d = h // heads
+  out = [("model.embed_tokens.weight", (config["vocab_size"], h))]
+  for i in range(config["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    out += [
+      (p + "self_attn.q_proj.weight", (heads * d, h)),
+      (p + "self_attn.k_proj.weight", (kv * d, h)),
+      (p + "self_attn.v_proj.weight", (kv * d, h)),
+      (p + "self_attn.o_proj.weight", (h, heads * d)),
+      (p + "mlp.gate_proj.weight", (inter, h)),
+      (p + "mlp.up_proj.weight", (inter, h)),
+      (p + "mlp.down_proj.weight", (h, inter)),
+      (p + "input_layernorm.weight", (h,)),
+      (p + "post_attention_layernorm.weight", (h,)),
+    ]
+  out.append(("model.norm.weight", (h,)))
+  if not config.get("tie_word_embeddings", False):
+    out.append(("lm_head.weight", (config["vocab_size"], h)))
+  return out
+
+
+def random_tensor(name: str, shape, seed: int, dtype: str) -> np.ndarray:
+  """N(0, 0.02) for matrices, ones for norms; a function of (seed, name)."""
+  np_dtype = _ST_DTYPES[dtype][1]
+  if len(shape) == 1:
+    return np.ones(shape, np_dtype)
+  rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+  x = rng.standard_normal(shape, dtype=np.float32)
+  x *= 0.02
+  return x.astype(np_dtype)
+
+
+def _shards(shapes, itemsize: int, shard_bytes: int) -> list[list]:
+  shards, current, size = [], [], 0
+  for name, shape in shapes:
+    n = math.prod(shape) * itemsize
+    if current and size + n > shard_bytes:
+      shards.append(current)
+      current, size = [], 0
+    current.append((name, shape))
+    size += n
+  if current:
+    shards.append(current)
+  return shards
+
+
+def _write_shard(path, tensors, seed: int, dtype: str) -> None:
+  code, np_dtype = _ST_DTYPES[dtype]
+  itemsize = np.dtype(np_dtype).itemsize
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, shape in tensors:
+    n = math.prod(shape) * itemsize
+    header[name] = {
+      "dtype": code,
+      "shape": list(shape),
+      "data_offsets": [offset, offset + n],
+    }
+    offset += n
+  text = json.dumps(header, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(text)))
+    f.write(text)
+    for name, shape in tensors:
+      f.write(random_tensor(name, shape, seed, dtype).tobytes())
+
+
+def write_sharded_llama(
+  folder: str | os.PathLike,
+  config: dict[str, Any],
+  *,
+  dtype: str = "bfloat16",
+  shard_bytes: int = SHARD_BYTES,
+  seed: int = 0,
+) -> pathlib.Path:
+  """Writes the folder (config.json, shards, index); returns its path."""
+  folder = pathlib.Path(folder)
+  partial = folder.with_name(folder.name + ".partial")
+  shutil.rmtree(partial, ignore_errors=True)
+  partial.mkdir(parents=True)
+  shapes = tensor_shapes(config)
+  itemsize = np.dtype(_ST_DTYPES[dtype][1]).itemsize
+  shards = _shards(shapes, itemsize, shard_bytes)
+  weight_map, total = {}, 0
+  for i, tensors in enumerate(shards):
+    name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    _write_shard(partial / name, tensors, seed, dtype)
+    for key, shape in tensors:
+      weight_map[key] = name
+      total += math.prod(shape) * itemsize
+  index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+  (partial / INDEX).write_text(json.dumps(index, indent=1))
+  full = dict(config, architectures=["LlamaForCausalLM"], torch_dtype=dtype)
+  (partial / "config.json").write_text(json.dumps(full, indent=2))
+  shutil.rmtree(folder, ignore_errors=True)
+  partial.rename(folder)
+  return folder
+
+
+def cached_llama(
+  shape: str, cache: str | os.PathLike | None = None, seed: int = 0
+) -> pathlib.Path:
+  """The folder of a `memory.FAMILY` shape in bfloat16, written once."""
+  folder = cache_dir(cache) / "bench_scale" / f"llama-{shape}-bf16-seed{seed}"
+  if (folder / INDEX).is_file() and (folder / "config.json").is_file():
+    return folder
+  return write_sharded_llama(
+    folder, memory.family_config_dict(shape), seed=seed
+  )
+
+
+def checkpoint_bytes(folder: pathlib.Path) -> int:
+  return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def _mode_args(mode: str, rank: int):
+  """(lora, quant, base dtype, train patterns) of a bench mode."""
+  m = {x.name: x for x in memory.MODES}[mode]
+  lora = {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0} if m.lora else None
+  patterns = [".*"] if m.full else []
+  return lora, m.quant, jnp.dtype(m.base_dtype), patterns
+
+
+def train_from_disk(
+  folder: str | os.PathLike,
+  mode: str,
+  *,
+  batch: int = 1,
+  seq: int = 256,
+  rank: int = 16,
+  steps_run: int = 3,
+  dtype: Any = jnp.float32,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """Loads `folder` for `mode` and trains `steps_run` steps on random
+  tokens (remat, scanned layers, AdamW); returns the figures."""
+  folder = pathlib.Path(folder)
+  lora, quant_cfg, base_dtype, patterns = _mode_args(mode, rank)
+  if mode == "lora_bf16":  # keep the base in bf16 end to end: no f32 copy
+    dtype = jnp.bfloat16
+  config = models.read_config(folder / "config.json")
+  spec = models.ModelSpec(config, "causal_lm")
+  plan = models.model_plan(spec, lora, quant_cfg, True)
+  opts = models.Options(plan, dtype, base_dtype, True, True)
+  model = spec.build(opts)
+  a_train, a_frozen = qnn.split_trainable(
+    spec.abstract_variables(opts), patterns
+  )
+  tx = optax.adamw(1e-4)
+  a_state = jax.eval_shape(lambda t: steps.create_state(t, tx, seed), a_train)
+  rng = np.random.default_rng(seed)
+  vocab = config.vocab_size
+
+  def batch_of():
+    ids = rng.integers(1, vocab, (batch, seq + 1), dtype=np.int32)
+    return {
+      "input_ids": jnp.asarray(ids[:, :-1]),
+      "segment_ids": jnp.ones((batch, seq), jnp.int32),
+      "positions": jnp.tile(jnp.arange(seq, dtype=jnp.int32), (batch, 1)),
+      "targets": jnp.asarray(ids[:, 1:]),
+      "loss_mask": jnp.ones((batch, seq), jnp.float32),
+    }
+
+  fn = jax.jit(
+    lambda s, b, f: steps.train_step(
+      s, b, f, model=model, task="causal_lm", tx=tx
+    ),
+    donate_argnums=(0,),
+  )
+  t0 = time.perf_counter()
+  compiled = fn.lower(a_state, jax.eval_shape(batch_of), a_frozen).compile()
+  compile_s = time.perf_counter() - t0
+  xla_bytes = profiling.compiled_memory(compiled)["total"]
+  profiling.release_host_memory()
+  base_rss = profiling.current_rss_bytes()
+  profiling.reset_peak_rss()
+  t0 = time.perf_counter()
+  lm = models.from_pretrained(
+    folder,
+    lora=lora,
+    quant=quant_cfg,
+    dtype=dtype,
+    base_dtype=base_dtype,
+    scan_layers=True,
+    remat=True,
+  )
+  trainable, frozen = qnn.split_trainable(lm.variables, patterns)
+  state = steps.create_state(trainable, tx, seed)
+  jax.block_until_ready((state, frozen))
+  load_s = time.perf_counter() - t0
+  del lm, trainable
+  load_peak = profiling.window_peak_rss_bytes()
+  profiling.release_host_memory()
+  profiling.reset_peak_rss()
+  times, losses = [], []
+  for _ in range(steps_run):
+    b = batch_of()
+    t = time.perf_counter()
+    state, metrics = compiled(state, b, frozen)
+    losses.append(float(metrics["loss"]) / float(metrics["weight"]))
+    times.append(time.perf_counter() - t)
+  train_peak = profiling.window_peak_rss_bytes()
+  step_s = float(np.median(times[1:] if len(times) > 1 else times))
+  return {
+    "impl": "qlora_jax",
+    "mode": mode,
+    "params": qnn.num_params(state.params) + qnn.num_params(frozen),
+    "trainable_params": qnn.num_params(state.params),
+    "compile_s": compile_s,
+    "load_s": load_s,
+    "runtime_rss_bytes": base_rss,
+    "load_peak_rss_bytes": load_peak,
+    "train_peak_rss_bytes": train_peak,
+    "xla_step_bytes": xla_bytes,
+    "step_s": step_s,
+    "step_times_s": times,
+    "tokens_per_s": batch * seq / step_s,
+    "losses": losses,
+    "finite": bool(np.all(np.isfinite(losses))),
+    "dtype": jnp.dtype(dtype).name,
+  }
+
+
+def _params(shape: str) -> float:
+  f = memory.FAMILY[shape]
+  h, inter, layers = f["hidden"], f["mlp"], f["layers"]
+  kv = f["kv"] * h // f["heads"]
+  per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+  return layers * per_layer + 2 * memory.VOCAB * h + h
+
+
+def summary(runs: list[dict]) -> dict[str, Any]:
+  """The figures of bench_scale's last line: per run, peak RSS against the
+  prediction, tokens/s; at 7B, ours over PEFT + bitsandbytes'."""
+  out: dict[str, Any] = {}
+  by = {(r["shape"], r["impl"], r["mode"]): r for r in runs}
+  for (shape, impl, mode), r in sorted(by.items()):
+    key = f"{shape}_{impl}_{mode}"
+    if "skipped" in r:
+      out[f"{key}_skipped_predicted_gib"] = round(
+        r["predicted_rss_bytes"] / 2**30, 2
+      )
+      continue
+    if "error" in r:
+      out[f"{key}_failed"] = True
+      continue
+    peak = r["train_peak_rss_bytes"]
+    out[f"{key}_train_peak_gib"] = round(peak / 2**30, 3)
+    out[f"{key}_load_peak_gib"] = round(r["load_peak_rss_bytes"] / 2**30, 3)
+    out[f"{key}_load_s"] = round(r["load_s"], 1)
+    out[f"{key}_tokens_per_s"] = round(r["tokens_per_s"], 2)
+    out[f"{key}_finite"] = r["finite"]
+    # The prediction: the memory model's step plus the process's measured
+    # resident size before loading (python, jax, the compiled step).
+    want = r.get("predicted_step_bytes", 0) + r.get("runtime_rss_bytes", 0)
+    if not want:
+      want = r["predicted_rss_bytes"]
+    out[f"{key}_peak_over_predicted"] = round(peak / want, 3)
+  for mode in ("qlora_nf4_dq", "lora_bf16"):
+    ours, peer = (
+      by.get(("7b", "qlora_jax", mode)),
+      by.get(("7b", "peft_bnb", mode)),
+    )
+    if ours and peer and "step_s" in ours and "step_s" in peer:
+      out[f"7b_{mode}_load_time_ratio"] = round(
+        ours["load_s"] / peer["load_s"], 3
+      )
+      out[f"7b_{mode}_load_peak_ratio"] = round(
+        ours["load_peak_rss_bytes"] / peer["load_peak_rss_bytes"], 3
+      )
+      out[f"7b_{mode}_train_peak_ratio"] = round(
+        ours["train_peak_rss_bytes"] / peer["train_peak_rss_bytes"], 3
+      )
+      out[f"7b_{mode}_tokens_per_s_ratio"] = round(
+        ours["tokens_per_s"] / peer["tokens_per_s"], 3
+      )
+  return out
+
+
+def plot_growth(runs: list[dict], path: pathlib.Path) -> None:
+  """Peak training RSS and step time against parameters, per (impl, mode),
+  with the memory model's prediction as dashed lines."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+  series: dict[tuple[str, str], list] = {}
+  predicted: dict[str, list] = {}
+  for r in runs:
+    x = _params(r["shape"]) / 1e9
+    if r["impl"] == "qlora_jax":
+      predicted.setdefault(r["mode"], []).append(
+        (x, r["predicted_rss_bytes"] / 2**30)
+      )
+    if "train_peak_rss_bytes" in r:
+      series.setdefault((r["impl"], r["mode"]), []).append(
+        (x, r["train_peak_rss_bytes"] / 2**30, r["step_s"])
+      )
+  for (impl, mode), pts in sorted(series.items()):
+    pts.sort()
+    style = "o-" if impl == "qlora_jax" else "s:"
+    label = f"{'ours' if impl == 'qlora_jax' else 'PEFT+bnb'} {mode}"
+    ax_m.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax_t.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
+  for mode, pts in sorted(predicted.items()):
+    pts.sort()
+    ax_m.plot(
+      [p[0] for p in pts],
+      [p[1] for p in pts],
+      "--",
+      alpha=0.5,
+      label=f"memory model {mode}",
+    )
+  ax_m.set(xlabel="parameters (B)", ylabel="peak RSS while training (GiB)")
+  ax_t.set(xlabel="parameters (B)", ylabel="step time (s), batch 1 x 256")
+  ax_m.legend(fontsize=7)
+  ax_t.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
