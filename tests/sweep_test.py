@@ -177,3 +177,44 @@ def test_xy_figure_lines_join_series_keys_and_average_seeds(tmp_path):
   ]
   figures.xy(spec, fig, points, tmp_path / fig["file"])
   assert (tmp_path / fig["file"]).stat().st_size > 0
+
+
+def test_every_sweep_config_gives_valid_settings_at_every_point():
+  """Each committed sweep config's points apply and pass the settings
+  check (no training): a typo in a table's overrides fails here."""
+  import pathlib  # noqa: PLC0415
+
+  from qlora_jax.engine.settings import Settings  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).resolve().parent.parent / "configs"
+  checked = 0
+  for path in sorted(root.glob("table*.py")):
+    module = sweep.config_module(path)
+    if not hasattr(module, "get_sweep"):
+      continue
+    base = module.get_config()
+    for entry in module.get_sweep():
+      point = sweep.points_of([entry])[0]
+      Settings.from_config(sweep.apply_overrides(base, point.overrides))
+      checked += 1
+  assert checked >= 21 * 2  # tables 2 and 7 at least
+
+
+def test_zero_shot_metrics_come_from_the_step_0_eval(tmp_path):
+  from qlora_jax.ablations import results  # noqa: PLC0415
+
+  d = tmp_path / "points" / "p"
+  d.mkdir(parents=True)
+  (d / "metrics.jsonl").write_text(
+    '{"kind": "eval", "step": 0, "loss": 5.0, "answer_accuracy": 0.0}\n'
+    '{"kind": "train", "step": 1, "loss": 4.0}\n'
+    '{"kind": "eval", "step": 32, "loss": 0.5, "answer_accuracy": 0.6}\n'
+  )
+  (d / "point.json").write_text('{"labels": {"m": 1}, "overrides": {}}')
+  (d / "final_metrics.json").write_text('{"loss": 0.5}')
+  (p,) = results.load_points(tmp_path)
+  assert p["metrics"] == {
+    "loss": 0.5,
+    "zero_shot_loss": 5.0,
+    "zero_shot_answer_accuracy": 0.0,
+  }

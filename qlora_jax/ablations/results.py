@@ -45,6 +45,7 @@ def load_points(sweep_dir: str | pathlib.Path) -> list[dict]:
     entry = {"dir": d, "keys": keys, "metrics": None, "error": None}
     if (d / DONE).exists():
       entry["metrics"] = json.loads((d / DONE).read_text())
+      entry["metrics"].update(zero_shot(d))
     elif (d / ERROR).exists():
       lines = (d / ERROR).read_text().strip().splitlines()
       entry["error"] = lines[-1] if lines else "failed"
@@ -73,6 +74,22 @@ def group_points(points: list[dict], row_keys: list[str]) -> list[dict]:
     )
     g["runs"].append(p)
   return list(groups.values())
+
+
+def zero_shot(workdir: pathlib.Path) -> dict[str, float]:
+  """{"zero_shot_<metric>": value} of a run's step-0 evaluation (the model
+  before training), or {} when it made none."""
+  path = workdir / "metrics.jsonl"
+  if not path.is_file():
+    return {}
+  for r in read_metrics(path):
+    if r["kind"] == "eval" and r["step"] == 0:
+      return {
+        f"zero_shot_{k}": float(v)
+        for k, v in r.items()
+        if k not in ("kind", "step") and isinstance(v, (int, float))
+      }
+  return {}
 
 
 def untrained_loss(point: dict) -> float | None:
