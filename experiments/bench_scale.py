@@ -16,7 +16,8 @@ of loading and of training, step time, tokens/s, finite loss. With the
 peers extra, PEFT + bitsandbytes does the same. A run the memory model
 predicts will not fit this machine is reported as "does not fit:
 predicted N GiB" instead of being run into the OOM killer. Each finished
-run is appended to OUT/runs.jsonl, and a re-run skips what is there;
+run is appended to OUT/runs.jsonl, and a re-run skips what is there
+(failed runs are tried again);
 OUT/growth.png plots peak RSS and step time against parameters. The last
 line is one JSON object.
 """
@@ -144,7 +145,8 @@ def main(argv):
     for line in runs_file.read_text().splitlines():
       if line.strip():
         r = json.loads(line)
-        done[(r["shape"], r["impl"], r["mode"])] = r
+        if "error" not in r:  # a failed run is tried again
+          done[(r["shape"], r["impl"], r["mode"])] = r
   ram = memory.available_memory()
   impls = ["qlora_jax"] + (["peft_bnb"] if _peers_available() else [])
   print(
@@ -183,7 +185,9 @@ def main(argv):
         print(f"{shape:>4} {impl:<9} {mode:<13} {_line(r)}", flush=True)
     if _REMOVE.value and folder is not None:
       shutil.rmtree(folder)
-  scale.plot_growth(list(done.values()), out / "growth.png")
+  scale.plot_growth(
+    list(done.values()), out / "growth.png", _BATCH.value, _SEQ.value
+  )
   print(json.dumps(scale.summary(list(done.values()))))
 
 

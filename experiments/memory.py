@@ -62,8 +62,10 @@ def main(argv):
   n = _DEVICES.value
   p = memory.predict_settings(s, config, n, num_labels=2)
   where = f"{n} device(s)" if n > 1 else "one device"
+  adapters = s.lora_plan() is not None
+  base = p.params - (p.trainable_params if adapters else 0)
   print(
-    f"{s.model.checkpoint or config.model_type}: {p.params / 1e6:,.1f}M "
+    f"{s.model.checkpoint or config.model_type}: {base / 1e6:,.1f}M "
     f"parameters, {p.trainable_params / 1e6:,.2f}M trainable, batch "
     f"{s.train.batch_size} x {s.data.max_length} tokens, remat "
     f"{s.model.remat}, on {where} of {memory.format_bytes(device_memory)}"

@@ -66,6 +66,8 @@ def main(argv):
 def _perplexity(c, checkpoint, out):
   names = _TEXT.value or list(c.sources)
   sources = dict(corpora.read_source(n) for n in names)
+  if len(sources) != len(names):
+    raise app.UsageError(f"--text: two sources share a name in {names}")
   if "settings" in c:
     settings = [quant_error.Setting(**dict(s)) for s in c.settings]
   else:

@@ -68,7 +68,8 @@ def test_xla_kernel_lowers_without_custom_kernels():
 
 def test_exported_step_is_the_engine_step():
   """Exported for the CPU and called: the same loss and new parameters as
-  the jitted `steps.train_step` on the same inputs (exact: one program)."""
+  the step `engine.train` builds (`steps.jit_train_step` over the model
+  `init_random` makes, on a one-device mesh) on the same inputs."""
   s = _settings(kernel="xla", dtype="float32")
   config = models.from_dict(HF)
   fn, (a_state, a_batch, a_frozen) = lowering.abstract_step(s, config)
@@ -92,13 +93,23 @@ def test_exported_step_is_the_engine_step():
     "targets": jnp.asarray(ids[:, 1:]),
     "loss_mask": jnp.ones((2, 64), jnp.float32),
   }
-  from qlora_jax.engine import optim  # noqa: PLC0415
+  from qlora_jax.engine import optim, sharding  # noqa: PLC0415
 
   tx, _ = optim.make_optimizer(s.opt, 1000)
   state = steps.create_state(trainable, tx, s.train.seed)
   copy = jax.tree.map(jnp.copy, state)
   got_state, got = exported.call(state, batch, frozen)
-  want_state, want = fn(copy, batch, frozen)
+  mesh = sharding.make_mesh(1, 1)
+  engine_fn = steps.jit_train_step(
+    lm.model,
+    "causal_lm",
+    tx,
+    1,
+    sharding.tree_shardings(mesh, copy),
+    sharding.batch_sharding(mesh),
+    sharding.tree_shardings(mesh, frozen),
+  )
+  want_state, want = engine_fn(copy, batch, frozen)
   assert float(got["loss"]) == float(want["loss"])
   for a, b in zip(
     jax.tree.leaves(got_state.params),

@@ -113,7 +113,7 @@ def test_perplexity_and_kl_equal_a_direct_numpy_computation(table):
   # Bits: float32 as held; nf2 by formula (2 bits + one f32 absmax per 64).
   assert results[slugs[0]]["bits_per_param"] == 32.0
   assert results[slugs[1]]["bits_per_param"] == pytest.approx(2 + 32 / 64)
-  # More bits, closer to float: int8 + DQ far below nf2 on every measure.
+  # More bits, closer to float: int8 + DQ's KL far below nf2's.
   for name in SOURCES:
     assert results[slugs[2]][f"kl_{name}"] < results[slugs[1]][f"kl_{name}"]
 

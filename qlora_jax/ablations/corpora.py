@@ -1,6 +1,7 @@
 """Held-out real text for perplexity: code and English that nobody tuned on.
 
-Two sources, both reproducible on any machine with pip:
+Two sources that any machine with pip can rebuild (the first depends on the
+Python version, which `perplexity` records with the points):
 - `stdlib_source`: the full source (code, comments, docstrings) of
   `STDLIB_MODULES`, single-file standard-library modules outside the
   main job's docstring task (`data.stdlib_docstrings.PACKAGES`), read in

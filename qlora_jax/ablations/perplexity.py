@@ -16,9 +16,11 @@ run resumes with the settings not yet done.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import pathlib
+import platform
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -171,6 +173,35 @@ def labels(s: quant_error.Setting | None) -> dict:
   }
 
 
+SETUP = "setup.json"
+
+
+def _check_setup(out, path, scoring: Scoring, windows: Mapping) -> None:
+  """Records what the points are measured on; refuses to add points to a
+  folder measured on another checkpoint, scoring or text."""
+  setup_now = {
+    "checkpoint": str(pathlib.Path(path).resolve()),
+    "scoring": dataclasses.asdict(scoring),
+    "sources": {
+      n: hashlib.sha256(w.tobytes()).hexdigest()[:16]
+      for n, w in windows.items()
+    },
+    "python": platform.python_version(),
+  }
+  file = pathlib.Path(out) / SETUP
+  if file.exists():
+    before = json.loads(file.read_text())
+    diff = sorted(k for k in setup_now if before.get(k) != setup_now[k])
+    if diff:
+      raise ValueError(
+        f"{out} holds points measured with other {', '.join(diff)} "
+        f"({file}); use another --workdir"
+      )
+    return
+  pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+  file.write_text(json.dumps(setup_now, indent=2))
+
+
 def run_table(
   checkpoint: str | pathlib.Path,
   settings: Sequence[quant_error.Setting],
@@ -198,6 +229,7 @@ def run_table(
   windows = {
     n: token_windows(tokenizer, t, n, scoring) for n, t in sources.items()
   }
+  _check_setup(out, path, scoring, windows)
   points = [sweep.Point(labels(None), {})]
   points += [sweep.Point(labels(s), {}) for s in settings]
   sweep.write_layout(out, points, table)
@@ -258,6 +290,8 @@ def run_table(
 
 def table_spec(sources: Sequence[str]) -> dict:
   """The table and figures of a perplexity run over `sources`."""
+  if not sources:
+    raise ValueError("a perplexity table needs at least one text source")
   metrics = [
     ["bits_per_param", "bits/param", "bits"],
     ["weight_relative_error", "rel. weight err.", "f4"],

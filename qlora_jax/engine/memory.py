@@ -187,6 +187,16 @@ def _split_frozen(frozen, fsdp: int) -> tuple[int, int]:
   return q, f
 
 
+def _layer_bytes(abstract) -> int:
+  """Bytes of every variable of the blocks (all layers, unsharded): the
+  leaves under a "layers" module, scanned or not."""
+  total = 0
+  for path, leaf in qnn.flatten(abstract).items():
+    if any(p == "layers" or p.startswith("layers_") for p in path):
+      total += _tree_bytes(leaf, 1)
+  return total
+
+
 def predict(
   config,
   *,
@@ -202,6 +212,7 @@ def predict(
   tx: optax.GradientTransformation | None = None,
   task: str = "causal_lm",
   num_labels: int | None = None,
+  scan_layers: bool = True,
 ) -> Breakdown:
   """The per-device memory of a training step (see the module docstring).
 
@@ -215,6 +226,8 @@ def predict(
     dtype, base_dtype: compute dtype and the dtype a float base is held in.
     mesh: (data, fsdp); the batch is split over both, weights over fsdp.
     tx: the optimizer (default: AdamW, the engine's).
+    scan_layers: build the plan as a scanned model does (the bytes are the
+      same either way; per-layer patterns can plan differently).
 
   Raises:
     ValueError: the batch does not divide over the devices.
@@ -225,8 +238,10 @@ def predict(
     raise ValueError(f"batch {batch} does not divide over {devices} devices")
   dtype, base_dtype = jnp.dtype(dtype), jnp.dtype(base_dtype)
   spec = models.ModelSpec(config, task, num_labels)
-  plan = models.model_plan(spec, lora, quant_plan, True)
-  opts = models.Options(plan, dtype, base_dtype, remat, True)
+  if quant_plan and str(quant_plan.get("data_type", "none")) == "none":
+    quant_plan = None  # a run's settings give {"data_type": "none", ...}
+  plan = models.model_plan(spec, lora, quant_plan, scan_layers)
+  opts = models.Options(plan, dtype, base_dtype, remat, scan_layers)
   abstract = spec.abstract_variables(opts)
   trainable, frozen = qnn.split_trainable(abstract, train_patterns)
   tx = tx or optax.adamw(1e-4)
@@ -267,11 +282,8 @@ def predict(
   upcast = 0
   if not quantized and base_dtype != dtype and not train_patterns:
     upcast = s.layers * s.layer_linear_params * cb // fsdp
-  if fsdp > 1:  # one layer's frozen weights gathered whole from the shards
-    whole_q, whole_f = _split_frozen(frozen, 1)
-    layer += (whole_q + whole_f - s.vocab * s.hidden * base_dtype.itemsize) / (
-      s.layers
-    )
+  if fsdp > 1:  # one layer's weights gathered whole from their shards
+    layer += _layer_bytes(abstract) / s.layers
   kind = "layer backward" if layer >= head else "logits chunk"
   return Breakdown(
     frozen_quantized=fq,
@@ -383,6 +395,7 @@ def plan_table(
     f" {m.name:>14}" for m in MODES
   )
   lines, largest = [header], dict.fromkeys((m.name for m in MODES), None)
+  sizes: dict[str, int] = {}
   for name in shapes:
     config = models.from_dict(family_config_dict(name))
     cells, params = [], 0
@@ -397,9 +410,10 @@ def plan_table(
         remat=remat,
         dtype=dtype,
       )
-      params = p.params
+      params = p.params - (p.trainable_params if m.lora else 0)
       fits = p.total <= device_memory
-      if fits:
+      sizes[name] = params
+      if fits and (largest[m.name] is None or sizes[largest[m.name]] < params):
         largest[m.name] = name
       cells.append(f"{p.total / GiB:.1f}" + ("" if fits else " (no)"))
     lines.append(
@@ -409,14 +423,15 @@ def plan_table(
 
 
 def available_memory() -> int:
-  """Bytes one device can hold: an accelerator's limit, or the host's
-  physical memory for the CPU."""
+  """Bytes one device can hold: an accelerator's limit; for CPU devices,
+  the host's physical memory shared by all of them."""
   dev = jax.local_devices()[0]
   if dev.platform != "cpu":
     stats = dev.memory_stats() or {}
     if "bytes_limit" in stats:
       return int(stats["bytes_limit"])
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return host // len(jax.local_devices())  # CPU devices share the host
 
 
 def predict_settings(
@@ -445,6 +460,7 @@ def predict_settings(
     tx=tx,
     task=s.model.task,
     num_labels=num_labels,
+    scan_layers=s.model.scan_layers,
   )
   if accum > 1:  # the micro-batches' gradients are summed in a buffer
     p = dataclasses.replace(p, gradients=2 * p.gradients)
@@ -469,7 +485,7 @@ def rough_bytes(config, batch: int, seq: int) -> int:
     + 2 * s.layer_linear_params * 4
   )
   return int(
-    16 * params
+    20 * params  # weights, two moments, gradients (two with accumulation)
     + (s.layers + 1) * per_layer
     + 16 * s.largest_linear
     + 2 * n * s.vocab * 4
