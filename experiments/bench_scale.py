@@ -17,7 +17,7 @@ peers extra, PEFT + bitsandbytes does the same. A run the memory model
 predicts will not fit this machine is reported as "does not fit:
 predicted N GiB" instead of being run into the OOM killer. Each finished
 run is appended to OUT/runs.jsonl, and a re-run skips what is there
-(failed runs are tried again);
+(failed runs are tried again, skips decided again);
 OUT/growth.png plots peak RSS and step time against parameters. The last
 line is one JSON object.
 """
@@ -106,6 +106,15 @@ def _predicted(shape: str, mode: str) -> memory.Breakdown:
   )
 
 
+def _free_bytes() -> int:
+  """MemAvailable of /proc/meminfo: what a new process can take now."""
+  with open("/proc/meminfo") as f:
+    for line in f:
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  return memory.available_memory()
+
+
 def _peers_available() -> bool:
   if _PEERS.value != "auto":
     return _PEERS.value == "on"
@@ -145,7 +154,13 @@ def main(argv):
     for line in runs_file.read_text().splitlines():
       if line.strip():
         r = json.loads(line)
-        if "error" not in r:  # a failed run is tried again
+        # A failed run is tried again; a skipped one decided again.
+        if "error" not in r and "skipped" not in r:
+          # Compared with the memory model as it is now.
+          p = _predicted(r["shape"], r["mode"])
+          r["predicted_step_bytes"] = p.total
+          r["predicted_rss_bytes"] = p.total + RUNTIME_BYTES[r["impl"]]
+          r["predicted"] = {f: getattr(p, f) for f in memory.Breakdown.FIELDS}
           done[(r["shape"], r["impl"], r["mode"])] = r
   ram = memory.available_memory()
   impls = ["qlora_jax"] + (["peft_bnb"] if _peers_available() else [])
@@ -168,6 +183,13 @@ def main(argv):
         r["predicted"] = {f: getattr(p, f) for f in memory.Breakdown.FIELDS}
         if need > _MARGIN.value * ram:
           r["skipped"] = f"does not fit: predicted {need / GiB:.1f} GiB"
+        elif need > _free_bytes():  # other processes hold the rest now
+          print(
+            f"{shape:>4} {impl:<9} {mode:<13} not run now: predicted "
+            f"{need / GiB:.1f} GiB, {_free_bytes() / GiB:.1f} GiB free",
+            flush=True,
+          )
+          continue
         else:
           if folder is None:
             t0 = time.perf_counter()

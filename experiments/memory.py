@@ -36,6 +36,12 @@ _LOWER = flags.DEFINE_list(
   "Also lower the config's whole train step with jax.export for these "
   "platforms (cuda, rocm, tpu), fused kernels included.",
 )
+_PLATFORM = flags.DEFINE_enum(
+  "platform",
+  None,
+  ["cpu", "gpu", "tpu"],
+  "The devices planned for (default: this machine's backend).",
+)
 _SHAPES = flags.DEFINE_bool(
   "shapes", True, "Also tabulate the Llama family shapes."
 )
@@ -60,7 +66,8 @@ def main(argv):
   else:
     config = models.from_dict(dict(s.model.hf_config))
   n = _DEVICES.value
-  p = memory.predict_settings(s, config, n, num_labels=2)
+  platform = _PLATFORM.value
+  p = memory.predict_settings(s, config, n, num_labels=2, platform=platform)
   where = f"{n} device(s)" if n > 1 else "one device"
   adapters = s.lora_plan() is not None
   base = p.params - (p.trainable_params if adapters else 0)
@@ -100,6 +107,7 @@ def main(argv):
     mesh=(data, fsdp),
     remat=s.model.remat,
     dtype=setup.DTYPES[s.model.dtype],
+    platform=platform,
   )
   for line in lines:
     print(line)

@@ -213,6 +213,7 @@ def predict(
   task: str = "causal_lm",
   num_labels: int | None = None,
   scan_layers: bool = True,
+  platform: str | None = None,
 ) -> Breakdown:
   """The per-device memory of a training step (see the module docstring).
 
@@ -228,6 +229,8 @@ def predict(
     tx: the optimizer (default: AdamW, the engine's).
     scan_layers: build the plan as a scanned model does (the bytes are the
       same either way; per-layer patterns can plan differently).
+    platform: "cpu", "gpu" or "tpu" (default: this process's backend):
+      XLA:CPU holds a float32 copy of a bfloat16 float base.
 
   Raises:
     ValueError: the batch does not divide over the devices.
@@ -277,11 +280,20 @@ def predict(
       + SAVED_COPIES["scores"] * scores
       + (s.layer_linear_params * 4 if quantized else 0)
     )
-  # A float base held in another dtype than the compute dtype: XLA:CPU
-  # converts the whole stacked base once, outside the layer loop.
+  # A float base held in bfloat16 (or another dtype than the compute
+  # dtype): XLA:CPU converts the whole stacked base to float32 once, outside
+  # the layer loop (it computes bfloat16 dots in float32), so a float32
+  # copy of every frozen linear weight exists during the step.
   upcast = 0
-  if not quantized and base_dtype != dtype and not train_patterns:
-    upcast = s.layers * s.layer_linear_params * cb // fsdp
+  narrow = base_dtype.itemsize < 4
+  on_cpu = (platform or jax.default_backend()) == "cpu"
+  if (
+    not quantized
+    and not train_patterns
+    and (base_dtype != dtype or (on_cpu and narrow))
+  ):
+    up_bytes = 4 if on_cpu else cb
+    upcast = s.layers * s.layer_linear_params * up_bytes // fsdp
   if fsdp > 1:  # one layer's weights gathered whole from their shards
     layer += _layer_bytes(abstract) / s.layers
   kind = "layer backward" if layer >= head else "logits chunk"
@@ -387,6 +399,7 @@ def plan_table(
   remat: bool = True,
   dtype: Any = jnp.float32,
   shapes: Sequence[str] = tuple(FAMILY),
+  platform: str | None = None,
 ) -> tuple[list[str], dict[str, str | None]]:
   """(lines of a table: predicted GiB per device of every shape and mode,
   the largest shape that fits each mode) for devices of `device_memory`
@@ -409,6 +422,7 @@ def plan_table(
         mesh=mesh,
         remat=remat,
         dtype=dtype,
+        platform=platform,
       )
       params = p.params - (p.trainable_params if m.lora else 0)
       fits = p.total <= device_memory
@@ -435,7 +449,11 @@ def available_memory() -> int:
 
 
 def predict_settings(
-  s, config, devices: int, num_labels: int | None = None
+  s,
+  config,
+  devices: int,
+  num_labels: int | None = None,
+  platform: str | None = None,
 ) -> Breakdown:
   """`predict` for a run's `Settings` over `devices` devices (mesh and
   micro-batches as the engine builds them; AdamW as `optim` makes it)."""
@@ -461,6 +479,7 @@ def predict_settings(
     task=s.model.task,
     num_labels=num_labels,
     scan_layers=s.model.scan_layers,
+    platform=platform,
   )
   if accum > 1:  # the micro-batches' gradients are summed in a buffer
     p = dataclasses.replace(p, gradients=2 * p.gradients)
