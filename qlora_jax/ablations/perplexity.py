@@ -176,11 +176,19 @@ def labels(s: quant_error.Setting | None) -> dict:
 SETUP = "setup.json"
 
 
+def _size(path: pathlib.Path) -> int:
+  if path.is_file():
+    return path.stat().st_size
+  return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
 def _check_setup(out, path, scoring: Scoring, windows: Mapping) -> None:
   """Records what the points are measured on; refuses to add points to a
   folder measured on another checkpoint, scoring or text."""
   setup_now = {
-    "checkpoint": str(pathlib.Path(path).resolve()),
+    # Name and size, not the path: the record holds nothing of a machine.
+    "checkpoint": pathlib.Path(path).name,
+    "checkpoint_bytes": _size(pathlib.Path(path)),
     "scoring": dataclasses.asdict(scoring),
     "sources": {
       n: hashlib.sha256(w.tobytes()).hexdigest()[:16]
