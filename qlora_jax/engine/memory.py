@@ -103,7 +103,9 @@ class Breakdown:
   batch: int  # the step's input arrays
   activations: int  # kept for the backward pass
   transient: int  # the largest working set on top of all the above
-  transient_kind: str  # "layer backward" or "logits chunk"
+  # "layer backward", "logits chunk" or "optimizer update" (then
+  # activations + transient = the updates tree)
+  transient_kind: str
   upcast: int = 0  # a compute-dtype copy of a float base of another dtype
   devices: int = 1
   params: int = 0  # parameters of the model (quantized ones counted whole)
@@ -297,6 +299,13 @@ def predict(
   if fsdp > 1:  # one layer's weights gathered whole from their shards
     layer += _layer_bytes(abstract) / s.layers
   kind = "layer backward" if layer >= head else "logits chunk"
+  transient = max(layer, head)
+  # After the backward pass its activations are gone, and the optimizer
+  # forms the updates (one trainable-sized tree) before applying them: that
+  # is the peak when the trainable tree outweighs the activations (full
+  # fine-tuning of a large model; measured at 1B by bench_scale).
+  if t_bytes > saved + transient:
+    transient, kind = t_bytes - saved, "optimizer update"
   return Breakdown(
     frozen_quantized=fq,
     frozen_float=ff,
@@ -305,7 +314,7 @@ def predict(
     optimizer=_tree_bytes(opt_state, fsdp),
     batch=5 * n * 4,
     activations=int(saved),
-    transient=int(max(layer, head)),
+    transient=int(transient),
     transient_kind=kind,
     upcast=int(upcast),
     devices=devices,
