@@ -208,7 +208,7 @@ def main(argv):
     if _REMOVE.value and folder is not None:
       shutil.rmtree(folder)
   scale.plot_growth(
-    list(done.values()), out / "growth.png", _BATCH.value, _SEQ.value
+    list(done.values()), out / "growth.png", _BATCH.value, _SEQ.value, ram
   )
   print(json.dumps(scale.summary(list(done.values()))))
 

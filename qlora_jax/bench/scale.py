@@ -330,7 +330,11 @@ def summary(runs: list[dict]) -> dict[str, Any]:
 
 
 def plot_growth(
-  runs: list[dict], path: pathlib.Path, batch: int = 1, seq: int = 256
+  runs: list[dict],
+  path: pathlib.Path,
+  batch: int = 1,
+  seq: int = 256,
+  machine_bytes: int | None = None,
 ) -> None:
   """Peak training RSS and step time against parameters, per (impl, mode),
   with the memory model's prediction as dashed lines."""
@@ -367,6 +371,9 @@ def plot_growth(
       alpha=0.5,
       label=f"memory model {mode}",
     )
+  if machine_bytes:
+    ax_m.axhline(machine_bytes / 2**30, color="k", lw=0.8, label="this machine")
+  ax_m.set_yscale("log")
   ax_m.set(xlabel="parameters (B)", ylabel="peak RSS while training (GiB)")
   ax_t.set(
     xlabel="parameters (B)", ylabel=f"step time (s), batch {batch} x {seq}"
