@@ -93,11 +93,10 @@ def _run(impl: str, mode: str, folder: pathlib.Path) -> dict:
 
 def _predicted(shape: str, mode: str) -> memory.Breakdown:
   config = models.from_dict(memory.family_config_dict(shape))
-  m = {x.name: x for x in memory.MODES}[mode]
   dtype = jnp.bfloat16 if mode == "lora_bf16" else jnp.float32
   return memory.predict_mode(
     config,
-    m,
+    mode,
     rank=_RANK.value,
     batch=_BATCH.value,
     seq=_SEQ.value,

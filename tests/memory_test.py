@@ -14,23 +14,14 @@ import pytest
 
 from qlora_jax import models
 from qlora_jax import nn as qnn
-from qlora_jax.engine import memory, profiling, steps
-from qlora_jax.engine.modes import MODES
+from qlora_jax.engine import memory, modes, profiling, steps
 
 RANK = 8
 
 
 def _mode(mode: str):
-  o = MODES[mode]
-  lora = None
-  if o.get("lora.enabled", True):
-    lora = {"rank": RANK, "alpha": 16.0, "dropout": 0.0}
-  q = None
-  if o["quant.data_type"] != "none":
-    q = {"data_type": "nf4", "block_size": 64, "double_quant": True}
-  base = jnp.dtype(o.get("model.base_dtype", "float32"))
-  patterns = [".*"] if o.get("train.mode") == "full" else []
-  return lora, q, base, patterns
+  lora, q, base, patterns = modes.plan_inputs(mode, RANK)
+  return lora, q, jnp.dtype(base), patterns
 
 
 def _config(h, layers, heads, kv, inter, vocab, tied=False):

@@ -18,8 +18,7 @@ import numpy as np
 import optax
 
 from qlora_jax import nn as qnn
-from qlora_jax.engine import profiling, sharding, steps
-from qlora_jax.engine.modes import MODES
+from qlora_jax.engine import modes, profiling, sharding, steps
 from qlora_jax.engine.settings import CLASSIFICATION
 
 VOCAB = 64
@@ -91,20 +90,8 @@ def linear_paths(scan: bool, layers: int) -> list[str]:
 
 def mode_inputs(mode: str, rank: int):
   """(lora, quant, base dtype, train patterns) of a training mode."""
-  o = MODES[mode]
-  lora = None
-  if o.get("lora.enabled", True):
-    lora = {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0}
-  quant = None
-  if o["quant.data_type"] != "none":
-    quant = {
-      "data_type": o["quant.data_type"],
-      "block_size": 64,
-      "double_quant": o.get("quant.double_quant", True),
-    }
-  base_dtype = jnp.dtype(o.get("model.base_dtype", "float32"))
-  patterns = [".*"] if o.get("train.mode") == "full" else []
-  return lora, quant, base_dtype, patterns
+  lora, quant, base_dtype, patterns = modes.plan_inputs(mode, rank)
+  return lora, quant, jnp.dtype(base_dtype), patterns
 
 
 def run_variant(

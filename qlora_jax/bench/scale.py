@@ -33,6 +33,7 @@ import optax
 
 from qlora_jax import models
 from qlora_jax import nn as qnn
+from qlora_jax.bench.layers import mode_inputs
 from qlora_jax.engine import memory, profiling, steps
 from qlora_jax.models.minilm import cache_dir
 
@@ -165,14 +166,6 @@ def checkpoint_bytes(folder: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def _mode_args(mode: str, rank: int):
-  """(lora, quant, base dtype, train patterns) of a bench mode."""
-  m = {x.name: x for x in memory.MODES}[mode]
-  lora = {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0} if m.lora else None
-  patterns = [".*"] if m.full else []
-  return lora, m.quant, jnp.dtype(m.base_dtype), patterns
-
-
 def train_from_disk(
   folder: str | os.PathLike,
   mode: str,
@@ -187,7 +180,7 @@ def train_from_disk(
   """Loads `folder` for `mode` and trains `steps_run` steps on random
   tokens (remat, scanned layers, AdamW); returns the figures."""
   folder = pathlib.Path(folder)
-  lora, quant_cfg, base_dtype, patterns = _mode_args(mode, rank)
+  lora, quant_cfg, base_dtype, patterns = mode_inputs(mode, rank)
   if mode == "lora_bf16":  # keep the base in bf16 end to end: no f32 copy
     dtype = jnp.bfloat16
   config = models.read_config(folder / "config.json")

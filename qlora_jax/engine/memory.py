@@ -37,7 +37,7 @@ import optax
 
 from qlora_jax import models, quant
 from qlora_jax import nn as qnn
-from qlora_jax.engine import losses, optim, setup, sharding
+from qlora_jax.engine import losses, modes, optim, setup, sharding
 
 MiB, GiB = 2**20, 2**30
 
@@ -356,44 +356,23 @@ def family_config_dict(name: str) -> dict[str, Any]:
   }
 
 
-@dataclasses.dataclass(frozen=True)
-class Mode:
-  """A training mode as the memory model needs it."""
-
-  name: str
-  lora: bool
-  quant: Mapping[str, Any] | None
-  base_dtype: str
-  full: bool = False
-
-
-MODES = (
-  Mode("full", False, None, "float32", full=True),
-  Mode("lora_f32", True, None, "float32"),
-  Mode("lora_bf16", True, None, "bfloat16"),
-  Mode(
-    "qlora_nf4_dq",
-    True,
-    {"data_type": "nf4", "block_size": 64, "double_quant": True},
-    "float32",
-  ),
-)
+MODES = tuple(modes.MODES)  # full, lora_f32, lora_bf16, qlora_nf4_dq
 
 
 def predict_mode(
-  config, mode: Mode, *, rank: int, batch: int, seq: int, **kw
+  config, mode: str, *, rank: int, batch: int, seq: int, **kw
 ) -> Breakdown:
-  """`predict` for one of `MODES` with LoRA of `rank` on every linear
-  layer."""
-  lora = {"rank": rank, "alpha": 2.0 * rank} if mode.lora else None
+  """`predict` for one of `engine.modes.MODES` with LoRA of `rank` on
+  every linear layer."""
+  lora, quant_plan, base_dtype, patterns = modes.plan_inputs(mode, rank)
   return predict(
     config,
     lora=lora,
-    quant_plan=mode.quant,
-    train_patterns=[".*"] if mode.full else [],
+    quant_plan=quant_plan,
+    train_patterns=patterns,
     batch=batch,
     seq=seq,
-    base_dtype=mode.base_dtype,
+    base_dtype=base_dtype,
     **kw,
   )
 
@@ -413,10 +392,8 @@ def plan_table(
   """(lines of a table: predicted GiB per device of every shape and mode,
   the largest shape that fits each mode) for devices of `device_memory`
   bytes."""
-  header = f"  {'shape':<6} {'params':>8}" + "".join(
-    f" {m.name:>14}" for m in MODES
-  )
-  lines, largest = [header], dict.fromkeys((m.name for m in MODES), None)
+  header = f"  {'shape':<6} {'params':>8}" + "".join(f" {m:>14}" for m in MODES)
+  lines, largest = [header], dict.fromkeys(MODES, None)
   sizes: dict[str, int] = {}
   for name in shapes:
     config = models.from_dict(family_config_dict(name))
@@ -433,11 +410,12 @@ def plan_table(
         dtype=dtype,
         platform=platform,
       )
-      params = p.params - (p.trainable_params if m.lora else 0)
+      adapters = modes.plan_inputs(m, rank)[0] is not None
+      params = p.params - (p.trainable_params if adapters else 0)
       fits = p.total <= device_memory
       sizes[name] = params
-      if fits and (largest[m.name] is None or sizes[largest[m.name]] < params):
-        largest[m.name] = name
+      if fits and (largest[m] is None or sizes[largest[m]] < params):
+        largest[m] = name
       cells.append(f"{p.total / GiB:.1f}" + ("" if fits else " (no)"))
     lines.append(
       f"  {name:<6} {params / 1e9:>7.2f}B" + "".join(f" {c:>14}" for c in cells)

@@ -26,3 +26,23 @@ def overrides(mode: str, extra: Mapping[str, Any] | None = None) -> dict:
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}, expected one of {list(MODES)}")
   return {**MODES[mode], **(extra or {})}
+
+
+def plan_inputs(mode: str, rank: int) -> tuple:
+  """(lora, quant, base dtype name, train patterns) of `mode`, as
+  `models.model_plan` and `nn.split_trainable` take them: LoRA of `rank`
+  (alpha 2 * rank, no dropout) on every linear layer, block 64."""
+  o = overrides(mode)
+  lora = None
+  if o.get("lora.enabled", True):
+    lora = {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0}
+  quant = None
+  if o["quant.data_type"] != "none":
+    quant = {
+      "data_type": o["quant.data_type"],
+      "block_size": 64,
+      "double_quant": o.get("quant.double_quant", True),
+    }
+  base_dtype = o.get("model.base_dtype", "float32")
+  patterns = [".*"] if o.get("train.mode") == "full" else []
+  return lora, quant, base_dtype, patterns
