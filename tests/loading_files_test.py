@@ -158,3 +158,45 @@ def test_task_and_model_must_agree():
     models.from_pretrained(HF / "llama_gqa", task="embedding")
   with pytest.raises(ValueError, match="num_labels"):
     models.from_pretrained(HF / "bert", task="classification")
+
+
+def test_prefetch_spans_are_the_tensors_bytes():
+  """The read-ahead byte range of every tensor (parsed from the header by
+  `Checkpoint`) holds exactly that tensor's data as `safetensors` reads it."""
+  from qlora_jax.models.safetensors_reader import Checkpoint
+
+  ckpt = Checkpoint(HF / "llama_gqa")
+  data = (HF / "llama_gqa" / "model.safetensors").read_bytes()
+  for key in ckpt.keys():
+    start, length = ckpt._spans[key]
+    want = ckpt.read(key)
+    assert data[start : start + length] == want.tobytes(), key
+    ckpt.prefetch(key)  # a valid range: no error
+
+
+def test_quantized_and_float_loads_agree_with_the_numpy_rule(tmp_path):
+  """The loader casts and quantizes in XLA: the stored codes and scales equal
+  those of the quantizer given the bfloat16 weight rounded in NumPy (one
+  layer, exact), and a float32 checkpoint loaded into a bfloat16 base holds
+  the same values as NumPy's round-to-nearest-even."""
+  from qlora_jax import quant
+
+  lm = models.from_pretrained(
+    HF / "llama_gqa",
+    quant={"data_type": "nf4", "block_size": 64, "double_quant": True},
+    base_dtype="bfloat16",
+  )
+  w = load_file(HF / "llama_gqa" / "model.safetensors")[Q_PROJ]
+  ref = quant.quantize(w.astype(ml_dtypes.bfloat16), "nf4", 64, True)
+  got = lm.variables["base"]["model"]["layers_1"]["self_attn"]["q_proj"]
+  got = got["weight"]
+  for part in ("codes", "absmax", "absmax2", "offset"):
+    np.testing.assert_array_equal(
+      np.asarray(getattr(got, part)), np.asarray(getattr(ref, part))
+    )
+  lm = models.from_pretrained(HF / "llama_gqa", base_dtype="bfloat16")
+  got = lm.variables["base"]["model"]["layers_1"]["self_attn"]["q_proj"]
+  np.testing.assert_array_equal(
+    np.asarray(got["weight"]).view(np.uint16),
+    w.astype(ml_dtypes.bfloat16).view(np.uint16),
+  )

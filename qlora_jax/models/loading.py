@@ -29,6 +29,7 @@ from qlora_jax.models.registry import ModelSpec
 from qlora_jax.models.safetensors_reader import (
   Checkpoint,
   CheckpointError,
+  check_finite,
   is_float,
 )
 
@@ -215,19 +216,35 @@ def read_variables(
     groups.setdefault(t.dest, []).append(t)
   root = jax.random.key(seed)
   out: dict[Path, Any] = {}
-  for dest, group in groups.items():
+  order = [
+    sorted(group, key=lambda t: t.layer or 0) for group in groups.values()
+  ]
+  upcoming = iter([keys[t.name] for group in order for t in group][1:])
+  prefetch = getattr(ckpt, "prefetch", lambda key: None)
+  for dest, group in zip(groups, order, strict=True):
     stack = _Stack(len(group)) if group[0].layer is not None else None
-    for t in sorted(group, key=lambda t: t.layer or 0):
-      array = _read(ckpt, keys[t.name], t, opts)
+    for t in group:
+      raw = array = _read(ckpt, keys[t.name], t, opts)
+      following = next(upcoming, None)
+      if following is not None:
+        prefetch(following)  # the disk reads it while this one converts
       prequantized = isinstance(array, quant.QuantizedTensor)
       if not prequantized and not is_float(array.dtype):
         raise CheckpointError(
           f"tensor {keys[t.name]!r} in {ckpt.file(keys[t.name])} is "
           f"{array.dtype}, but {'/'.join(dest)} is a floating-point weight"
         )
+      if dest[-1] == "weight" and not prequantized:
+        # Casts, transpose and quantization run in XLA on every core.
+        array = jnp.asarray(array)
       if layout.is_transposed(t.name) and not prequantized:
-        array = np.ascontiguousarray(array.T)
-      values = _convert(array, t, dest, opts, root)
+        array = array.T if isinstance(array, jax.Array) else array.T.copy()
+      try:
+        values = _convert(array, t, dest, opts, root)
+      except quant.NonFiniteError:
+        if hasattr(ckpt, "what"):  # a bad stored value: name the file
+          check_finite(raw, ckpt.what(keys[t.name]))
+        raise  # finite as stored, not after the cast to the base dtype
       for path, value in values.items():
         if path[0] == qnn.BASE:
           stored = _nbytes(value)
@@ -240,7 +257,7 @@ def read_variables(
           out[path] = place("/".join(path), value)
         else:
           stack.put(path, t.layer, value)
-      del array, values
+      del raw, array, values
     if stack is not None:
       for path, value in stack.buffers.items():
         out[path] = place("/".join(path), value)
@@ -250,13 +267,19 @@ def read_variables(
 def _read(ckpt, key: str, t: Target, opts: Options):
   """The tensor `key`: taken as stored when the checkpoint holds a linear
   weight already in its layer's quantized layout (a GGUF Q4_1 matrix for
-  int4_asym in blocks of 32), else as floats."""
+  int4_asym in blocks of 32), else as floats. A weight to be quantized is
+  not checked for NaN / inf here: the quantizer checks it in its own pass
+  (and `read_variables` turns its error into one naming the file)."""
+  if t.dest[-1] != "weight":
+    return ckpt.read(key)
+  qspec = opts.plan.lookup("/".join(t.dest[:-1])).quant
   read_quantized = getattr(ckpt, "read_quantized", None)
-  if read_quantized is not None and t.dest[-1] == "weight":
-    qspec = opts.plan.lookup("/".join(t.dest[:-1])).quant
+  if read_quantized is not None:
     qt = read_quantized(key, qspec)
     if qt is not None:
       return qt
+  if qspec is not None and hasattr(ckpt, "read_unchecked"):
+    return ckpt.read_unchecked(key)
   return ckpt.read(key)
 
 

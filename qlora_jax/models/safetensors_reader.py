@@ -7,8 +7,12 @@ memory only when it is read.
 """
 
 import json
+import os
 import pathlib
+import struct
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
@@ -24,8 +28,19 @@ def is_float(dtype) -> bool:
   return np.dtype(dtype).kind == "f" or np.dtype(dtype).name == "bfloat16"
 
 
-def _check_finite(array: np.ndarray, what: str, chunk: int = 1 << 20) -> None:
-  """Raises on NaN / inf; checks in chunks to keep no large temporary."""
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+  return jnp.isfinite(x).all()
+
+
+def check_finite(array: np.ndarray, what: str, chunk: int = 1 << 20) -> None:
+  """Raises on NaN / inf, naming the first bad index.
+
+  The check runs in XLA (on every core, with no float32 temporary of a
+  bfloat16 tensor); only a tensor that fails is searched, in chunks.
+  """
+  if bool(_all_finite(jnp.asarray(array))):
+    return
   flat = array.reshape(-1)
   for start in range(0, flat.size, chunk):
     finite = np.isfinite(flat[start : start + chunk])
@@ -42,7 +57,9 @@ class Checkpoint:
   Names and shapes are read from the file headers up front. Each read
   opens its file anew: a handle kept open would keep every page it has
   read mapped, and the process's resident memory would grow to the whole
-  checkpoint.
+  checkpoint. `prefetch` asks the kernel to start reading a tensor's bytes
+  from disk in the background, so that a loader can overlap the disk with
+  its work on the tensor before.
   """
 
   def __init__(self, folder: str | pathlib.Path):
@@ -63,6 +80,7 @@ class Checkpoint:
     """Reads one file's names and shapes into `self._shapes`."""
     if not hasattr(self, "_shapes"):
       self._shapes: dict[str, tuple[int, ...]] = {}
+      self._spans: dict[str, tuple[int, int]] = {}
     try:
       with safe_open(str(path), framework="numpy") as f:
         keys = list(f.keys())
@@ -70,6 +88,7 @@ class Checkpoint:
           self._shapes[key] = tuple(f.get_slice(key).get_shape())
     except Exception as e:  # safetensors raises its own error types
       raise CheckpointError(f"{path}: cannot read safetensors: {e}") from e
+    self._spans.update(_byte_spans(path))
     return keys
 
   def _read_index(self, index: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -104,8 +123,32 @@ class Checkpoint:
   def shape(self, key: str) -> tuple[int, ...]:
     return self._shapes[key]
 
+  def prefetch(self, key: str) -> None:
+    """Starts reading tensor `key` into the page cache (no-op where the
+    platform has no `posix_fadvise`)."""
+    span = self._spans.get(key)
+    if span is None or not hasattr(os, "posix_fadvise"):
+      return
+    fd = os.open(self.where[key], os.O_RDONLY)
+    try:
+      os.posix_fadvise(fd, span[0], span[1], os.POSIX_FADV_WILLNEED)
+    finally:
+      os.close(fd)
+
   def read(self, key: str) -> np.ndarray:
     """The tensor `key` in host memory; floats are checked to be finite."""
+    array = self.read_unchecked(key)
+    if is_float(array.dtype):
+      check_finite(array, self.what(key))
+    return array
+
+  def what(self, key: str) -> str:
+    """How errors name tensor `key`."""
+    return f"tensor {key!r} in {self.where[key]}"
+
+  def read_unchecked(self, key: str) -> np.ndarray:
+    """The tensor `key`, its values not checked (for a caller that checks
+    them in a pass of its own, as the quantizer does)."""
     path = self.where[key]
     try:
       with safe_open(str(path), framework="numpy") as f:
@@ -116,6 +159,22 @@ class Checkpoint:
       raise CheckpointError(
         f"tensor {key!r} in {path} has unsupported dtype {array.dtype}"
       )
-    if is_float(array.dtype):
-      _check_finite(array, f"tensor {key!r} in {path}")
     return array
+
+
+def _byte_spans(path: pathlib.Path) -> dict[str, tuple[int, int]]:
+  """{tensor: (file offset, length)} from a safetensors header (an 8-byte
+  little-endian header size, a JSON header, then the data; offsets in the
+  header count from the data's start)."""
+  with open(path, "rb") as f:
+    (size,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(size))
+  start = 8 + size
+  return {
+    k: (
+      start + v["data_offsets"][0],
+      v["data_offsets"][1] - v["data_offsets"][0],
+    )
+    for k, v in header.items()
+    if k != "__metadata__"
+  }

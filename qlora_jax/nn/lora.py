@@ -104,10 +104,13 @@ def check_qa(lora: LoraSpec, qspec, in_features: int, name: str) -> int:
 
 
 def _store_base(w, qspec: quant.QuantSpec | None, dtype, name: str):
+  """`w` rounded to `dtype` (through float32), quantized per `qspec`."""
+  if w.dtype != jnp.dtype(dtype):
+    w = w.astype(jnp.float32).astype(dtype)
   if qspec is None:
-    return w.astype(dtype)
+    return w
   return quant.quantize(
-    w.astype(dtype),
+    w,
     qspec.data_type,
     qspec.block_size,
     qspec.double_quant,
@@ -154,9 +157,8 @@ def init_adapter(
     "lora_magnitude" for DoRA), all float32.
   """
   out_f, in_f = weight.shape
-  w = weight.astype(jnp.float32)
   if lora is None:
-    return {"weight": _store_base(w, qspec, base_dtype, name)}
+    return {"weight": _store_base(weight, qspec, base_dtype, name)}
   if lora.rank > min(in_f, out_f):
     raise ValueError(
       f"lora rank {lora.rank} of {name or 'layer'} exceeds its smallest "
@@ -168,15 +170,17 @@ def init_adapter(
     bound = 1.0 / math.sqrt(a_rows)  # kaiming_uniform(a=sqrt(5)) on [r, in]
     a = jax.random.uniform(key, (a_rows, r), jnp.float32, -bound, bound)
     b = jnp.zeros((r, out_f), jnp.float32)
-    stored = _store_base(w, qspec, base_dtype, name)
+    stored = _store_base(weight, qspec, base_dtype, name)
   elif lora.init == "gaussian":
     a = jax.random.normal(key, (a_rows, r), jnp.float32) / r
     b = jnp.zeros((r, out_f), jnp.float32)
-    stored = _store_base(w, qspec, base_dtype, name)
+    stored = _store_base(weight, qspec, base_dtype, name)
   elif lora.init == "pissa":
+    w = jnp.asarray(weight, jnp.float32)
     a, b = _svd_factors(w, r, scale)
     stored = _store_base(w - scale * (a @ b).T, qspec, base_dtype, name)
   else:  # loftq
+    w = jnp.asarray(weight, jnp.float32)
     if qspec is None:
       raise ValueError(
         f"lora init 'loftq' of {name or 'layer'} needs a quantized base"

@@ -7,6 +7,7 @@ Flax.
 from qlora_jax.quant.codebooks import SUPPORTED_BITS, DataType, get_data_type
 from qlora_jax.quant.tensor import (
   MemoryReport,
+  NonFiniteError,
   QuantizedTensor,
   QuantSpec,
   block_absmax,
@@ -20,6 +21,7 @@ __all__ = [
   "SUPPORTED_BITS",
   "DataType",
   "MemoryReport",
+  "NonFiniteError",
   "QuantSpec",
   "QuantizedTensor",
   "block_absmax",

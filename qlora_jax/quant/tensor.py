@@ -112,54 +112,54 @@ class QuantizedTensor:
     return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in leaves))
 
 
-@jax.jit
-def _all_finite(x: jax.Array) -> jax.Array:
-  return jnp.isfinite(x).all()
+class NonFiniteError(ValueError):
+  """A tensor given to `quantize` holds NaN or infinity."""
 
 
-def _check_input(x: Any, name: str | None) -> jnp.ndarray:
-  what = f"tensor {name!r}" if name else "input"
+def _check_dtype(x: Any, name: str | None) -> Any:
   dtype = getattr(x, "dtype", None)
   if dtype is None:
     x = np.asarray(x)
     dtype = x.dtype
   if jnp.dtype(dtype).name not in _FLOAT_DTYPES:
     raise ValueError(
-      f"cannot quantize {what} of dtype {jnp.dtype(dtype).name}: expected "
-      f"one of {', '.join(_FLOAT_DTYPES)}"
+      f"cannot quantize {_what(name)} of dtype {jnp.dtype(dtype).name}: "
+      f"expected one of {', '.join(_FLOAT_DTYPES)}"
     )
-  if isinstance(x, jax.core.Tracer):
-    return x
-  if isinstance(x, np.ndarray):
-    finite = bool(np.isfinite(x).all())
-  else:
-    finite = bool(_all_finite(x))
-  if not finite:
-    bad = np.argwhere(~np.isfinite(np.asarray(x, np.float32)))
-    if len(bad):
-      raise ValueError(
-        f"cannot quantize {what}: {len(bad)} non-finite value(s), the first "
-        f"at index {tuple(int(i) for i in bad[0])}"
-      )
   return x
+
+
+def _what(name: str | None) -> str:
+  return f"tensor {name!r}" if name else "input"
+
+
+def _raise_non_finite(x: Any, name: str | None) -> None:
+  bad = np.argwhere(~np.isfinite(np.asarray(x, np.float32)))
+  raise NonFiniteError(
+    f"cannot quantize {_what(name)}: {len(bad)} non-finite value(s), the "
+    f"first at index {tuple(int(i) for i in bad[0])}"
+  )
 
 
 @functools.partial(
   jax.jit, static_argnames=("data_type", "block_size", "double_quant")
 )
 def _quantize(x, data_type: str, block_size: int, double_quant: bool):
+  """(codes, absmax, absmax2, offset, minimum, all values finite)."""
   dt = get_data_type(data_type)
+  finite = jnp.isfinite(x).all()  # fuses with the pass over x
   if dt.asymmetric:
     codes, scale, minimum = blockwise.quantize_asym_blocks(
       x.reshape(-1), dt.bits, block_size
     )
-    return packing.pack(codes, dt.bits, pad_code=0), scale, None, None, minimum
+    packed = packing.pack(codes, dt.bits, pad_code=0)
+    return packed, scale, None, None, minimum, finite
   codes, absmax = blockwise.quantize_blocks(x.reshape(-1), dt, block_size)
   packed = packing.pack(codes, dt.bits, pad_code=dt.zero_code)
   if not double_quant:
-    return packed, absmax, None, None, None
+    return packed, absmax, None, None, None, finite
   q8, absmax2, offset = blockwise.double_quantize(absmax)
-  return packed, q8, absmax2, offset, None
+  return packed, q8, absmax2, offset, None, finite
 
 
 def quantize(
@@ -181,21 +181,23 @@ def quantize(
     name: the tensor's name, for error messages.
 
   Raises:
-    ValueError: unknown data type, bad block size, non-float input, or (for
-      concrete inputs) a non-finite value.
+    ValueError: unknown data type, bad block size or non-float input.
+    NonFiniteError: (a ValueError) a concrete input holds NaN or infinity.
   """
   dt = get_data_type(data_type)
   QuantSpec(dt.name, block_size, bool(double_quant))  # checks the options
-  x = _check_input(x, name)
+  x = _check_dtype(x, name)
   shape = tuple(int(d) for d in x.shape)
   if not shape or int(np.prod(shape)) == 0:
     raise ValueError(
-      f"cannot quantize {'tensor ' + repr(name) if name else 'input'} of "
-      f"shape {shape}: it needs at least one element"
+      f"cannot quantize {_what(name)} of shape {shape}: it needs at least "
+      "one element"
     )
-  codes, absmax, absmax2, offset, minimum = _quantize(
+  codes, absmax, absmax2, offset, minimum, finite = _quantize(
     jnp.asarray(x), dt.name, int(block_size), bool(double_quant)
   )
+  if not isinstance(x, jax.core.Tracer) and not bool(finite):
+    _raise_non_finite(x, name)
   return QuantizedTensor(
     codes,
     absmax,
