@@ -2,7 +2,7 @@
 
 python -m experiments.bench_scale [--shapes 1b,3b,7b,13b]
   [--modes qlora_nf4_dq,lora_bf16,lora_f32,full] [--peers auto|on|off]
-  [--out results/bench_scale] [--remove_checkpoints]
+  [--out results/bench_scale] [--remove_checkpoints] [--redo] [--cold]
 
 For each Llama shape (`engine.memory.FAMILY`): a Hugging Face folder with
 random bfloat16 weights as ~2 GB safetensors shards, written tensor by
@@ -17,7 +17,9 @@ peers extra, PEFT + bitsandbytes does the same. A run the memory model
 predicts will not fit this machine is reported as "does not fit:
 predicted N GiB" instead of being run into the OOM killer. Each finished
 run is appended to OUT/runs.jsonl, and a re-run skips what is there
-(failed runs are tried again, skips decided again);
+(failed runs are tried again, skips decided again; `--redo` measures the
+named runs again, the new line superseding the old; `--cold` empties the
+page cache before each run, so that both libraries read from disk);
 OUT/growth.png plots peak RSS and step time against parameters. The last
 line is one JSON object.
 """
@@ -53,6 +55,16 @@ _REMOVE = flags.DEFINE_bool(
 _MARGIN = flags.DEFINE_float(
   "margin", 0.9, "Run only when the prediction is below this share of RAM."
 )
+_REDO = flags.DEFINE_bool(
+  "redo", False, "Measure the runs named again; the new lines supersede."
+)
+_COLD = flags.DEFINE_bool(
+  "cold",
+  False,
+  "Empty the page cache before each run (needs write access to "
+  "/proc/sys/vm/drop_caches), so that every run reads its checkpoint "
+  "from disk.",
+)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: IMPL:MODE:FOLDER.")
 
 GiB = 2**30
@@ -72,6 +84,14 @@ def _worker(spec: str) -> None:
 
     result = peft_scale.train_from_disk(folder, mode, **kw)
   print(json.dumps(result))
+
+
+def _drop_page_cache() -> None:
+  os.sync()
+  try:
+    pathlib.Path("/proc/sys/vm/drop_caches").write_text("1\n")
+  except OSError as e:
+    raise SystemExit(f"--cold: cannot empty the page cache: {e}") from e
 
 
 def _run(impl: str, mode: str, folder: pathlib.Path) -> dict:
@@ -172,7 +192,7 @@ def main(argv):
       p = _predicted(shape, mode)
       for impl in impls:
         key = (shape, impl, mode)
-        if key in done:
+        if key in done and not _REDO.value:
           print(f"{shape:>4} {impl:<9} {mode:<13} {_line(done[key])} (before)")
           continue
         need = p.total + RUNTIME_BYTES[impl]
@@ -198,6 +218,9 @@ def main(argv):
               f" GB at {folder} ({time.perf_counter() - t0:.0f} s)",
               flush=True,
             )
+          if _COLD.value:
+            _drop_page_cache()
+          r["cold_cache"] = _COLD.value
           r.update(_run(impl, mode, folder))
           r["shape"], r["impl"], r["mode"] = shape, impl, mode
         with runs_file.open("a") as f:
