@@ -3,6 +3,7 @@
 python -m experiments.bench_scale [--shapes 1b,3b,7b,13b]
   [--modes qlora_nf4_dq,lora_bf16,lora_f32,full] [--peers auto|on|off]
   [--out results/bench_scale] [--remove_checkpoints] [--redo] [--cold]
+  [--generate 33b]
 
 For each Llama shape (`engine.memory.FAMILY`): a Hugging Face folder with
 random bfloat16 weights as ~2 GB safetensors shards, written tensor by
@@ -19,7 +20,10 @@ predicted N GiB" instead of being run into the OOM killer. Each finished
 run is appended to OUT/runs.jsonl, and a re-run skips what is there
 (failed runs are tried again, skips decided again; `--redo` measures the
 named runs again, the new line superseding the old; `--cold` empties the
-page cache before each run, so that both libraries read from disk);
+page cache before each run, so that both libraries read from disk; a
+shape in `--generate` is never written: its tensors are drawn as the
+loader reads them, `bench.scale.GeneratedLlama`, for a checkpoint larger
+than the disk, e.g. the 33B shape's 65 GB);
 OUT/growth.png plots peak RSS and step time against parameters. The last
 line is one JSON object.
 """
@@ -65,6 +69,13 @@ _COLD = flags.DEFINE_bool(
   "/proc/sys/vm/drop_caches), so that every run reads its checkpoint "
   "from disk.",
 )
+_GENERATE = flags.DEFINE_list(
+  "generate",
+  [],
+  "Shapes whose checkpoint is generated tensor by tensor as it is read "
+  "instead of written to disk (for one the disk cannot hold, e.g. 33b); "
+  "load time then includes drawing the weights. PEFT needs files: not run.",
+)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: IMPL:MODE:FOLDER.")
 
 GiB = 2**30
@@ -73,12 +84,19 @@ GiB = 2**30
 RUNTIME_BYTES = {"qlora_jax": int(0.6 * GiB), "peft_bnb": int(0.6 * GiB)}
 
 
+GENERATED = "generated:"
+
+
 def _worker(spec: str) -> None:
   impl, mode, folder = spec.split(":", 2)
   kw = {"batch": _BATCH.value, "seq": _SEQ.value, "rank": _RANK.value}
   kw["steps_run"] = _STEPS.value
   if impl == "qlora_jax":
-    result = scale.train_from_disk(folder, mode, **kw)
+    if folder.startswith(GENERATED):
+      source = scale.generated_llama(folder[len(GENERATED) :])
+    else:
+      source = pathlib.Path(folder)
+    result = scale.train_from_disk(source, mode, **kw)
   else:
     from experiments.peers import peft_scale  # noqa: PLC0415
 
@@ -94,7 +112,7 @@ def _drop_page_cache() -> None:
     raise SystemExit(f"--cold: cannot empty the page cache: {e}") from e
 
 
-def _run(impl: str, mode: str, folder: pathlib.Path) -> dict:
+def _run(impl: str, mode: str, folder: pathlib.Path | str) -> dict:
   cmd = [
     sys.executable,
     "-m",
@@ -200,8 +218,11 @@ def main(argv):
         r["predicted_rss_bytes"] = need
         r["predicted_step_bytes"] = p.total
         r["predicted"] = {f: getattr(p, f) for f in memory.Breakdown.FIELDS}
+        generate = shape in _GENERATE.value
         if need > _MARGIN.value * ram:
           r["skipped"] = f"does not fit: predicted {need / GiB:.1f} GiB"
+        elif generate and impl != "qlora_jax":
+          r["skipped"] = "generated checkpoint: PEFT reads files only"
         elif need > _free_bytes():  # other processes hold the rest now
           print(
             f"{shape:>4} {impl:<9} {mode:<13} not run now: predicted "
@@ -210,7 +231,10 @@ def main(argv):
           )
           continue
         else:
-          if folder is None:
+          if generate:
+            folder = GENERATED + shape
+            r["generated"] = True
+          elif folder is None:
             t0 = time.perf_counter()
             folder = scale.cached_llama(shape)
             print(
@@ -227,7 +251,7 @@ def main(argv):
           f.write(json.dumps(r) + "\n")
         done[key] = r
         print(f"{shape:>4} {impl:<9} {mode:<13} {_line(r)}", flush=True)
-    if _REMOVE.value and folder is not None:
+    if _REMOVE.value and isinstance(folder, pathlib.Path):
       shutil.rmtree(folder)
   scale.plot_growth(
     list(done.values()), out / "growth.png", _BATCH.value, _SEQ.value, ram

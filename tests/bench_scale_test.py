@@ -80,6 +80,12 @@ def test_trains_from_disk_with_phase_peaks(folder):
       (128, 64),
     ]
   )
+  # The same checkpoint generated as it is read (no files): the same
+  # weights and batches, so bit-identical losses.
+  g = scale.train_from_disk(
+    scale.GeneratedLlama(TINY), "qlora_nf4_dq", batch=1, seq=32, rank=4
+  )
+  assert g["losses"] == r["losses"]
 
 
 def test_missing_truncated_and_phantom_shards_are_named(folder, tmp_path):

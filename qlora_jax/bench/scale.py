@@ -162,12 +162,45 @@ def cached_llama(
   )
 
 
+class GeneratedLlama:
+  """The tensors `write_sharded_llama(folder, config, seed=seed)` would
+  write, each made when it is read: a checkpoint that no disk holds (the
+  33B shape's 65 GB), read by `models.from_checkpoint` tensor by tensor
+  as a folder would be."""
+
+  def __init__(self, config: dict[str, Any], seed: int = 0):
+    self.dtype, self.seed = "bfloat16", seed
+    self.config = dict(
+      config, architectures=["LlamaForCausalLM"], torch_dtype=self.dtype
+    )
+    self._shapes = dict(tensor_shapes(config))
+    self.folder = pathlib.Path(f"generated-llama-seed{seed}")
+    self.where = {k: self.folder for k in self._shapes}
+
+  def keys(self) -> list[str]:
+    return list(self._shapes)
+
+  def file(self, key: str) -> pathlib.Path:
+    return self.folder
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._shapes[key]
+
+  def read(self, key: str) -> np.ndarray:
+    return random_tensor(key, self._shapes[key], self.seed, self.dtype)
+
+
+def generated_llama(shape: str, seed: int = 0) -> GeneratedLlama:
+  """A `memory.FAMILY` shape's checkpoint, generated as it is read."""
+  return GeneratedLlama(memory.family_config_dict(shape), seed)
+
+
 def checkpoint_bytes(folder: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def train_from_disk(
-  folder: str | os.PathLike,
+  folder: str | os.PathLike | GeneratedLlama,
   mode: str,
   *,
   batch: int = 1,
@@ -177,13 +210,26 @@ def train_from_disk(
   dtype: Any = jnp.float32,
   seed: int = 0,
 ) -> dict[str, Any]:
-  """Loads `folder` for `mode` and trains `steps_run` steps on random
-  tokens (remat, scanned layers, AdamW); returns the figures."""
-  folder = pathlib.Path(folder)
+  """Loads `folder` (or a generated checkpoint) for `mode` and trains
+  `steps_run` steps on random tokens (remat, scanned layers, AdamW);
+  returns the figures."""
   lora, quant_cfg, base_dtype, patterns = mode_inputs(mode, rank)
   if mode == "lora_bf16":  # keep the base in bf16 end to end: no f32 copy
     dtype = jnp.bfloat16
-  config = models.read_config(folder / "config.json")
+  if isinstance(folder, GeneratedLlama):
+    generated = folder
+    config = models.from_dict(generated.config)
+
+    def load(**kw):
+      return models.from_checkpoint(generated, generated.config, **kw)
+
+  else:
+    folder = pathlib.Path(folder)
+    config = models.read_config(folder / "config.json")
+
+    def load(**kw):
+      return models.from_pretrained(folder, **kw)
+
   spec = models.ModelSpec(config, "causal_lm")
   plan = models.model_plan(spec, lora, quant_cfg, True)
   opts = models.Options(plan, dtype, base_dtype, True, True)
@@ -220,8 +266,7 @@ def train_from_disk(
   base_rss = profiling.current_rss_bytes()
   profiling.reset_peak_rss()
   t0 = time.perf_counter()
-  lm = models.from_pretrained(
-    folder,
+  lm = load(
     lora=lora,
     quant=quant_cfg,
     dtype=dtype,

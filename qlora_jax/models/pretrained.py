@@ -152,7 +152,6 @@ def from_pretrained(
     ckpt = Checkpoint(folder)
     section = prequantized.read_section(config_file)
     tokenizer = _tokenizer(folder)
-  spec = ModelSpec(config, o.task, o.num_labels)
   quant = o.quant
   if section is not None:  # linear weights stored quantized
     if quant:
@@ -160,19 +159,53 @@ def from_pretrained(
         f"quant: {config_file} holds quantized weights ({section.spec}); "
         "pass quant=None"
       )
+    spec = ModelSpec(config, o.task, o.num_labels)
     targets = loading.targets(spec, o.scan_layers)
     quant = prequantized.quant_targets(section, targets, spec.layout)
     ckpt = prequantized.QuantizedCheckpoint(ckpt, section, spec.layout)
-  plan = model_plan(spec, o.lora, quant, o.scan_layers)
+  o = dataclasses.replace(o, quant=quant)
+  lm = _read(ckpt, config, o, str(config_file), tokenizer, rss_before)
+  lm.stats.seconds = time.perf_counter() - start
+  logging.debug("loaded %s: %s", folder, lm.stats)
+  return lm
+
+
+def from_checkpoint(
+  ckpt: Any,
+  config: Config | Mapping[str, Any],
+  options: ModelOptions | None = None,
+  *,
+  source: str = "the checkpoint",
+  **fields: Any,
+) -> Pretrained:
+  """The model of `config` with its frozen tensors read from `ckpt`.
+
+  `ckpt` is any object with the interface `loading.read_variables` reads
+  (`keys()`, `shape(key)`, `file(key)`, `read(key)`, `where`, `folder`;
+  optionally `read_unchecked`, `what`, `prefetch`), e.g. tensors generated
+  on demand, so that a model too large for the disk can still be built
+  tensor by tensor. `source` names the config in error messages. Options
+  as in `from_pretrained`.
+  """
+  start, rss_before = time.perf_counter(), _peak_rss()
+  o = model_options(options, **fields)
+  if isinstance(config, Mapping):
+    config = from_dict(config, source)
+  lm = _read(ckpt, config, o, source, None, rss_before)
+  lm.stats.seconds = time.perf_counter() - start
+  return lm
+
+
+def _read(ckpt, config, o: ModelOptions, source, tokenizer, rss_before):
+  spec = ModelSpec(config, o.task, o.num_labels)
+  plan = model_plan(spec, o.lora, o.quant, o.scan_layers)
   opts = _layer_options(plan, o)
   model = spec.build(opts)
   flat, stats = loading.read_variables(
-    ckpt, spec, opts, str(config_file), o.seed, o.place
+    ckpt, spec, opts, source, o.seed, o.place
   )
   variables = _complete(model, spec, opts, flat, o.seed, o.place)
-  stats.seconds = time.perf_counter() - start
   stats.peak_rss_bytes, stats.peak_rss_before_bytes = _peak_rss(), rss_before
-  logging.debug("loaded %s: %s", folder, stats)
   return Pretrained(model, variables, plan, config, tokenizer, stats)
 
 
