@@ -1,0 +1,26 @@
+"""Settings for the whole test session.
+
+Every test process (pytest's and the command-line runs tests start) shares
+one persistent XLA compilation cache in a temporary folder, removed at the
+end: many tests build the same tiny models and train steps, and a program
+XLA has compiled once is then read back instead of compiled again. The
+cache changes no result (its key is the program and the compile options);
+set JAX_COMPILATION_CACHE_DIR to use a folder of your own.
+"""
+
+import os
+import shutil
+import tempfile
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="qlora_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+else:
+  _CACHE = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _CACHE is not None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
