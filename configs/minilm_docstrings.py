@@ -24,6 +24,10 @@ def get_config() -> config_dict.ConfigDict:
   c.model.task = "classification"  # or "causal_lm"
   c.model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU)
   c.model.base_dtype = "float32"  # storage of float (unquantized) weights
+  # Storage of the frozen embedding tables ("": base_dtype). They are only
+  # gathered from: "bfloat16" over a bfloat16 checkpoint halves their bytes
+  # and changes no result.
+  c.model.embed_dtype = ""
   c.model.scan_layers = False  # nn.scan over blocks: compile one block
   c.model.remat = False  # recompute blocks in the backward pass
   c.model.hf_config = {}  # a config.json as a dict: random init, no checkpoint

@@ -140,6 +140,7 @@ def _predicted(shape: str, mode: str) -> memory.Breakdown:
     seq=_SEQ.value,
     remat=True,
     dtype=dtype,
+    embed_dtype=scale.embed_dtype(mode),
   )
 
 

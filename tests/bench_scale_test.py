@@ -148,3 +148,42 @@ def test_summary_ratios_and_plot(tmp_path):
   assert s["13b_qlora_jax_lora_bf16_skipped_predicted_gib"] == 30.0
   scale.plot_growth(runs, tmp_path / "g.png")
   assert (tmp_path / "g.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_bfloat16_embedding_changes_no_logit(folder, tied):
+  """The embedding held in the checkpoint's bfloat16 (`embed_dtype`) is the
+  checkpoint's bits, and the logits equal those of a float32 embedding
+  exactly: the gather, and the tied head's matmul after an exact upcast,
+  see the same values."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  quant = {"data_type": "nf4", "block_size": 64, "double_quant": True}
+  if tied:
+    config = {**TINY, "tie_word_embeddings": True}
+    src = scale.GeneratedLlama(config)
+
+    def load(**kw):
+      return models.from_checkpoint(src, config, quant=quant, **kw)
+
+    table = src.read("model.embed_tokens.weight")
+  else:
+
+    def load(**kw):
+      return models.from_pretrained(folder, quant=quant, **kw)
+
+    table = Checkpoint(folder).read("model.embed_tokens.weight")
+  narrow, wide = load(embed_dtype=jnp.bfloat16), load()
+  got = narrow.variables["base"]["model"]["embed_tokens"]["embedding"]
+  assert got.dtype == jnp.bfloat16
+  assert wide.variables["base"]["model"]["embed_tokens"]["embedding"].dtype == (
+    jnp.float32
+  )
+  np.testing.assert_array_equal(
+    np.asarray(got).view(np.uint16), table.view(np.uint16)
+  )
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 16)))
+  np.testing.assert_array_equal(
+    np.asarray(narrow.model.apply(narrow.variables, ids)),
+    np.asarray(wide.model.apply(wide.variables, ids)),
+  )

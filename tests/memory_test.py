@@ -40,12 +40,14 @@ def _config(h, layers, heads, kv, inter, vocab, tied=False):
   )
 
 
-def compiled_total(config, mode, batch, seq, remat, dtype=jnp.float32):
+def compiled_total(
+  config, mode, batch, seq, remat, dtype=jnp.float32, embed_dtype=None
+):
   """XLA's total bytes of the engine's train step (scanned layers)."""
   lora, q, base, patterns = _mode(mode)
   spec = models.ModelSpec(config, "causal_lm")
   plan = models.model_plan(spec, lora, q, True)
-  opts = models.Options(plan, dtype, base, remat, True)
+  opts = models.Options(plan, dtype, base, remat, True, embed_dtype=embed_dtype)
   model = spec.build(opts)
   trainable, frozen = qnn.split_trainable(
     spec.abstract_variables(opts), patterns
@@ -70,10 +72,13 @@ def compiled_total(config, mode, batch, seq, remat, dtype=jnp.float32):
   return profiling.compiled_memory(compiled)["total"]
 
 
-def _predict(config, mode, batch, seq, remat, dtype=jnp.float32):
+def _predict(
+  config, mode, batch, seq, remat, dtype=jnp.float32, embed_dtype=None
+):
   lora, q, base, patterns = _mode(mode)
   return memory.predict(
     config,
+    embed_dtype=embed_dtype,
     lora=lora,
     quant_plan=q,
     train_patterns=patterns,
@@ -123,6 +128,23 @@ def test_bf16_base_in_bf16_compute_keeps_a_float32_copy_on_cpu():
     platform="gpu",
   )
   assert gpu.upcast == 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_bfloat16_embedding_is_counted_and_a_tied_head_upcasts_it(tied):
+  """`embed_dtype` bfloat16 halves the table's bytes (exact); a tied head
+  converts the whole table to float32 for its matmul (the upcast term);
+  the total stays within 1.15x of XLA's."""
+  h, vocab = 192, 20000
+  config = _config(h, 3, 3, 3, 512, vocab, tied)
+  wide = _predict(config, "qlora_nf4_dq", 2, 96, True)
+  p = _predict(config, "qlora_nf4_dq", 2, 96, True, embed_dtype=jnp.bfloat16)
+  assert wide.frozen_float - p.frozen_float == vocab * h * 2
+  assert wide.upcast == 0 and p.upcast == (vocab * h * 4 if tied else 0)
+  got = compiled_total(
+    config, "qlora_nf4_dq", 2, 96, True, embed_dtype=jnp.bfloat16
+  )
+  assert 1 / 1.15 <= got / p.total <= 1.15, (got, p)
 
 
 def test_exact_parts_are_the_variables_bytes():

@@ -78,6 +78,7 @@ def test_config_errors_name_every_bad_field_at_once():
   c["opt"]["eps"] = -1.0
   c["train"]["grad_accum"] = 3  # 32 is not a multiple of 3
   c["data"]["max_length"] = 0
+  c["model"]["embed_dtype"] = "bf16"
   with pytest.raises(ConfigError) as e:
     Settings.from_config(c)
   message = str(e.value)
@@ -88,6 +89,7 @@ def test_config_errors_name_every_bad_field_at_once():
     "opt.eps",
     "train.batch_size",
     "data.max_length",
+    "model.embed_dtype: unknown value 'bf16'",
   ):
     assert field in message, (field, message)
   # Unknown and missing fields are named too.

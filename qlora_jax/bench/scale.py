@@ -34,7 +34,7 @@ import optax
 from qlora_jax import models
 from qlora_jax import nn as qnn
 from qlora_jax.bench.layers import mode_inputs
-from qlora_jax.engine import memory, profiling, steps
+from qlora_jax.engine import memory, modes, profiling, steps
 from qlora_jax.models.minilm import cache_dir
 
 SHARD_BYTES = 2 * 10**9
@@ -199,6 +199,14 @@ def checkpoint_bytes(folder: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def embed_dtype(mode: str):
+  """The embedding's storage dtype in `mode`: the checkpoints' bfloat16
+  where it is frozen (only gathered from: the same losses, half the
+  bytes; PEFT + bitsandbytes keep it in bfloat16 too), None (the base
+  dtype, float32) where it trains."""
+  return None if modes.plan_inputs(mode, 1)[3] else jnp.bfloat16
+
+
 def train_from_disk(
   folder: str | os.PathLike | GeneratedLlama,
   mode: str,
@@ -232,7 +240,9 @@ def train_from_disk(
 
   spec = models.ModelSpec(config, "causal_lm")
   plan = models.model_plan(spec, lora, quant_cfg, True)
-  opts = models.Options(plan, dtype, base_dtype, True, True)
+  opts = models.Options(
+    plan, dtype, base_dtype, True, True, embed_dtype=embed_dtype(mode)
+  )
   model = spec.build(opts)
   a_train, a_frozen = qnn.split_trainable(
     spec.abstract_variables(opts), patterns
@@ -271,6 +281,7 @@ def train_from_disk(
     quant=quant_cfg,
     dtype=dtype,
     base_dtype=base_dtype,
+    embed_dtype=embed_dtype(mode),
     scan_layers=True,
     remat=True,
   )

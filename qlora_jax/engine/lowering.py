@@ -58,6 +58,7 @@ def abstract_step(s: Settings, config, num_labels: int | None = None):
     m.remat,
     m.scan_layers,
     m.matmul_kernel,
+    setup.DTYPES.get(m.embed_dtype),
   )
   model = spec.build(opts)
   trainable, frozen = qnn.split_trainable(

@@ -210,6 +210,7 @@ def predict(
   remat: bool = True,
   dtype: Any = jnp.float32,
   base_dtype: Any = jnp.float32,
+  embed_dtype: Any = None,
   mesh: tuple[int, int] = (1, 1),
   tx: optax.GradientTransformation | None = None,
   task: str = "causal_lm",
@@ -227,6 +228,7 @@ def predict(
       fine-tuning; then `lora` and `quant_plan` are None).
     batch, seq: the global batch and its sequence length.
     dtype, base_dtype: compute dtype and the dtype a float base is held in.
+    embed_dtype: the dtype of the embedding tables (None: `base_dtype`).
     mesh: (data, fsdp); the batch is split over both, weights over fsdp.
     tx: the optimizer (default: AdamW, the engine's).
     scan_layers: build the plan as a scanned model does (the bytes are the
@@ -246,7 +248,9 @@ def predict(
   if quant_plan and str(quant_plan.get("data_type", "none")) == "none":
     quant_plan = None  # a run's settings give {"data_type": "none", ...}
   plan = models.model_plan(spec, lora, quant_plan, scan_layers)
-  opts = models.Options(plan, dtype, base_dtype, remat, scan_layers)
+  opts = models.Options(
+    plan, dtype, base_dtype, remat, scan_layers, embed_dtype=embed_dtype
+  )
   abstract = spec.abstract_variables(opts)
   trainable, frozen = qnn.split_trainable(abstract, train_patterns)
   tx = tx or optax.adamw(1e-4)
@@ -296,6 +300,15 @@ def predict(
   ):
     up_bytes = 4 if on_cpu else cb
     upcast = s.layers * s.layer_linear_params * up_bytes // fsdp
+  # A tied head multiplies by the embedding table in the compute dtype: a
+  # table stored narrower is converted whole (once, outside the chunks).
+  table_dtype = base_dtype if embed_dtype is None else jnp.dtype(embed_dtype)
+  if (
+    task == "causal_lm"
+    and getattr(config, "tie_word_embeddings", False)
+    and table_dtype != dtype
+  ):
+    upcast += s.vocab * s.hidden * cb
   if fsdp > 1:  # one layer's weights gathered whole from their shards
     layer += _layer_bytes(abstract) / s.layers
   kind = "layer backward" if layer >= head else "logits chunk"
@@ -461,6 +474,7 @@ def predict_settings(
     remat=s.model.remat,
     dtype=setup.DTYPES[s.model.dtype],
     base_dtype=setup.DTYPES[s.model.base_dtype],
+    embed_dtype=setup.DTYPES.get(s.model.embed_dtype),
     mesh=(data, fsdp),
     tx=tx,
     task=s.model.task,

@@ -47,6 +47,7 @@ class ModelSettings:
   task: str
   dtype: str
   base_dtype: str
+  embed_dtype: str
   scan_layers: bool
   remat: bool
   hf_config: dict
@@ -229,7 +230,11 @@ class Settings:
 # Fields added after runs were first recorded, with the value every older
 # run had: a recorded config.json without them reads as that run was made
 # (`recorded`); a config given for a new run must still name every field.
-ADDED_FIELDS = {"lora.qa": False, "train.memory_check": "off"}
+ADDED_FIELDS = {
+  "lora.qa": False,
+  "train.memory_check": "off",
+  "model.embed_dtype": "",
+}
 
 
 def recorded(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -267,6 +272,7 @@ def _check(sec: dict[str, Any], errors: list[str]) -> None:
     choice("model.task", m.task, RUN_TASKS)
     choice("model.dtype", m.dtype, DTYPES)
     choice("model.base_dtype", m.base_dtype, DTYPES)
+    choice("model.embed_dtype", m.embed_dtype, ("",) + DTYPES)
     choice("model.matmul_kernel", m.matmul_kernel, KERNELS)
     if not m.checkpoint and not m.hf_config:
       bad(

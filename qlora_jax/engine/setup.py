@@ -151,6 +151,7 @@ def model_options(
     quant=s.quant_plan(),
     dtype=DTYPES[m.dtype],
     base_dtype=DTYPES[m.base_dtype],
+    embed_dtype=DTYPES.get(m.embed_dtype),
     scan_layers=m.scan_layers,
     remat=m.remat,
     seed=s.train.seed,

@@ -24,6 +24,11 @@ class Options:
     plan: adapters and quantization per linear layer (by module path).
     dtype: compute dtype.
     base_dtype: storage dtype of frozen float weights.
+    embed_dtype: storage dtype of the frozen embedding tables (None:
+      `base_dtype`). An embedding is only gathered from, so holding it in
+      the checkpoint's own dtype (bfloat16 for most checkpoints) changes
+      no result and halves its bytes; a tied head upcasts the table for
+      its matmul.
     remat: recompute each block in the backward pass (gradient
       checkpointing).
     scan_layers: apply the blocks with `nn.scan` over stacked variables
@@ -38,6 +43,12 @@ class Options:
   remat: bool = False
   scan_layers: bool = False
   matmul_kernel: str = "auto"
+  embed_dtype: Any = None
+
+  @property
+  def embedding_dtype(self):
+    """The dtype embedding tables are stored in."""
+    return self.base_dtype if self.embed_dtype is None else self.embed_dtype
 
 
 def dense(opts: Options, features: int, use_bias: bool, name: str):
@@ -66,7 +77,7 @@ class Embed(nn.Module):
       "embedding",
       nn.initializers.normal(0.02),
       (self.num, self.features),
-      self.opts.base_dtype,
+      self.opts.embedding_dtype,
     )
 
   def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:

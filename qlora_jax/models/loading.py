@@ -286,7 +286,8 @@ def _read(ckpt, key: str, t: Target, opts: Options):
 def _convert(array, t: Target, dest: Path, opts: Options, root):
   """{(collection, *path): value} for one layer's tensor."""
   if dest[-1] != "weight":  # embeddings, norms, biases
-    return {(qnn.BASE, *dest): array.astype(opts.base_dtype, copy=False)}
+    dtype = opts.embedding_dtype if dest[-1] == "embedding" else opts.base_dtype
+    return {(qnn.BASE, *dest): array.astype(dtype, copy=False)}
   module = "/".join(dest[:-1])
   name = module if t.layer is None else f"{module}[{t.layer}]"
   layer_spec = opts.plan.lookup(module)

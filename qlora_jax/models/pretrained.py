@@ -81,6 +81,8 @@ class ModelOptions:
     dtype: compute dtype.
     base_dtype: storage dtype of frozen float weights (and the dtype the
       quantizer sees).
+    embed_dtype: storage dtype of the embedding tables (None:
+      `base_dtype`; see `Options.embed_dtype`).
     scan_layers: stack the blocks' variables and scan over them.
     remat: gradient checkpointing per block.
     seed: seeds the adapters' and new heads' initialisation.
@@ -102,6 +104,7 @@ class ModelOptions:
   seed: int = 0
   place: loading.Place | None = None
   matmul_kernel: str = "auto"
+  embed_dtype: Any = None
 
 
 def model_options(
@@ -248,7 +251,13 @@ def checkpoint_config(path: str | pathlib.Path) -> Config:
 
 def _layer_options(plan: qnn.Plan, o: ModelOptions) -> Options:
   return Options(
-    plan, o.dtype, o.base_dtype, o.remat, o.scan_layers, o.matmul_kernel
+    plan,
+    o.dtype,
+    o.base_dtype,
+    o.remat,
+    o.scan_layers,
+    o.matmul_kernel,
+    o.embed_dtype,
   )
 
 
