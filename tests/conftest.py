@@ -6,18 +6,32 @@ end: many tests build the same tiny models and train steps, and a program
 XLA has compiled once is then read back instead of compiled again. The
 cache changes no result (its key is the program and the compile options);
 set JAX_COMPILATION_CACHE_DIR to use a folder of your own.
+
+With pytest-xdist (`-n 2`) each worker process keeps its own subfolder
+(shared with the command-line runs its tests start): JAX writes cache
+entries in place, so two processes compiling the same program at once
+could otherwise read a half-written entry.
 """
 
 import os
 import shutil
 import tempfile
 
+_ROOT_ENV = "QLORA_JAX_TEST_XLA_CACHE"
+
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="qlora_jax_test_xla_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ[_ROOT_ENV] = _CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 else:
   _CACHE = None
+
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and os.environ.get(_ROOT_ENV):
+  _MINE = os.path.join(os.environ[_ROOT_ENV], _WORKER)
+  os.makedirs(_MINE, exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _MINE
 
 
 def pytest_sessionfinish(session, exitstatus):

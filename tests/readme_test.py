@@ -26,3 +26,20 @@ def test_readme_loads_quantized_adds_adapters_and_differentiates():
   # B starts at zero, so only B's gradient is non-zero at the first step.
   assert np.abs(grads["lora_b"]).max() > 0
   assert np.abs(grads["lora_a"]).max() == 0
+
+
+def test_ci_runs_the_readme_test_command():
+  """The setup block's test command is the one CI runs, word for word."""
+  setup = (ROOT / "README.md").read_text().split("## Setup", 1)[1]
+  block = re.search(r"```bash\n(.*?)```", setup, re.S).group(1)
+  readme = [
+    line.split("#", 1)[0].strip()
+    for line in block.splitlines()
+    if "pytest" in line
+  ]
+  ci = [
+    line.strip()
+    for line in (ROOT / ".ci/run").read_text().splitlines()
+    if "pytest" in line and not line.lstrip().startswith("#")
+  ]
+  assert readme == ci and len(ci) == 1, (readme, ci)
