@@ -348,3 +348,47 @@ def test_chunked_planar_matmul_equals_dequantize_then_matmul(monkeypatch):
     g = jax.random.normal(jax.random.key(8), (x.shape[0], shape[0]))
     _, vjp = jax.vjp(ours, x)
     np.testing.assert_allclose(vjp(g)[0], g @ w_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bfloat16_weight_is_upcast_in_chunks(monkeypatch):
+  """A bfloat16 W with float32 matmuls (`upcast_matmul`, 16 rows a chunk):
+  outputs, input and weight gradients equal the plain matmul's of W in
+  float32 to 1e-5 relative, and the compiled step holds no float32 array
+  of W's size (XLA:CPU would otherwise convert W whole before the loop)."""
+  import re  # noqa: PLC0415
+
+  from qlora_jax.nn import matmul as fm  # noqa: PLC0415
+
+  monkeypatch.setattr(fm, "CHUNK_ELEMENTS", 16 * IN)
+  w = (jax.random.normal(jax.random.key(9), (HID, IN)) * 0.1).astype(
+    jnp.bfloat16
+  )
+  assert fm.float_chunk_rows(w) == 16
+  x = _x()
+  g = jax.random.normal(jax.random.key(8), (x.shape[0], HID))
+
+  def ours(x, w):
+    return qnn.frozen_matmul(x, w, jnp.float32)
+
+  def plain(x, w):
+    return x @ w.astype(jnp.float32).T
+
+  np.testing.assert_allclose(
+    jax.jit(ours)(x, w), plain(x, w), rtol=1e-5, atol=1e-5
+  )
+  (dx, dw), (px, pw) = (
+    jax.jit(lambda x, w, f=f: jax.vjp(f, x, w)[1](g))(x, w)
+    for f in (ours, plain)
+  )
+  np.testing.assert_allclose(dx, px, rtol=1e-5, atol=1e-5)
+  assert dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+    dw.astype(jnp.float32), pw.astype(jnp.float32), rtol=1e-2, atol=1e-3
+  )
+
+  def loss(x):
+    return jnp.sum(ours(x, w) ** 2)
+
+  text = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+  whole = rf"f32\[({HID},{IN}|([2-9]|\d{{2,}}),16,{IN})\]"  # not [1,16,IN]
+  assert not re.search(whole, text), re.search(whole, text)

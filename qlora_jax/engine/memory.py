@@ -287,9 +287,10 @@ def predict(
       + (s.layer_linear_params * 4 if quantized else 0)
     )
   # A float base held in bfloat16 (or another dtype than the compute
-  # dtype): XLA:CPU converts the whole stacked base to float32 once, outside
-  # the layer loop (it computes bfloat16 dots in float32), so a float32
-  # copy of every frozen linear weight exists during the step.
+  # dtype) in scanned layers: XLA:CPU slices bfloat16 in float32, so it
+  # converts the whole stacked base to float32 once, outside the layer loop
+  # (it also computes bfloat16 dots in float32), and a float32 copy of
+  # every frozen linear weight exists during the step.
   upcast = 0
   narrow = base_dtype.itemsize < 4
   on_cpu = (platform or jax.default_backend()) == "cpu"
@@ -300,15 +301,17 @@ def predict(
   ):
     up_bytes = 4 if on_cpu else cb
     upcast = s.layers * s.layer_linear_params * up_bytes // fsdp
-  # A tied head multiplies by the embedding table in the compute dtype: a
-  # table stored narrower is converted whole (once, outside the chunks).
+  # A tied head over a 16-bit table with float32 matmuls upcasts the table
+  # a chunk of rows at a time (`nn.upcast_matmul`): one chunk buffer in the
+  # forward loop and one in the backward.
   table_dtype = base_dtype if embed_dtype is None else jnp.dtype(embed_dtype)
   if (
     task == "causal_lm"
     and getattr(config, "tie_word_embeddings", False)
-    and table_dtype != dtype
+    and table_dtype.itemsize == 2
+    and cb == 4
   ):
-    upcast += s.vocab * s.hidden * cb
+    upcast += 2 * min(s.vocab * s.hidden, qnn.matmul.CHUNK_ELEMENTS) * 4
   if fsdp > 1:  # one layer's weights gathered whole from their shards
     layer += _layer_bytes(abstract) / s.layers
   kind = "layer backward" if layer >= head else "logits chunk"

@@ -152,7 +152,7 @@ class GPT2LMHeadModel(nn.Module):
     c, o = self.config, self.opts
     if c.tie_word_embeddings:
       table = self.variables["base"]["transformer"]["wte"]["embedding"]
-      logits = x @ table.astype(o.dtype).T
+      logits = qnn.frozen_matmul(x, table, o.dtype)  # upcast in chunks
     else:
       logits = dense(o, c.vocab_size, False, "lm_head")(x, deterministic)
     return logits.astype(jnp.float32)

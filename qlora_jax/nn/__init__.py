@@ -13,6 +13,7 @@ from qlora_jax.nn.matmul import (
   frozen_matmul,
   quantized_matmul,
   resolve_kernel,
+  upcast_matmul,
 )
 from qlora_jax.nn.merge import merge_adapters, merged_weight, unmerge_adapters
 from qlora_jax.nn.plan import (
@@ -63,5 +64,6 @@ __all__ = [
   "select",
   "split_trainable",
   "unflatten",
+  "upcast_matmul",
   "unmerge_adapters",
 ]

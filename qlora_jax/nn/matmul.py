@@ -196,14 +196,89 @@ def _bwd(dtype, kernel, qt, g):
 quantized_matmul.defvjp(_fwd, _bwd)
 
 
+def float_chunk_rows(w: jnp.ndarray) -> int | None:
+  """Rows per chunk for `upcast_matmul` of W, None if W is not 2-D."""
+  if w.ndim != 2:
+    return None
+  out_f, in_f = w.shape
+  rows = max(1, min(out_f, CHUNK_ELEMENTS // in_f))
+  while out_f % rows:
+    rows -= 1
+  return rows
+
+
+def _as_bits(w: jnp.ndarray) -> jnp.ndarray:
+  """A 16-bit float W as its uint16 bit patterns (exact, no copy)."""
+  return jax.lax.bitcast_convert_type(w, jnp.uint16)
+
+
+def _upcast(bits: jnp.ndarray, like, dtype) -> jnp.ndarray:
+  """A chunk of `_as_bits` patterns as the float dtype `like`, in `dtype`.
+
+  XLA:CPU computes bfloat16 slicing in float32: a bfloat16 W sliced inside
+  a loop is converted whole to float32 before the loop. Slicing the bit
+  patterns (integers) instead keeps the conversion inside the loop, one
+  chunk at a time."""
+  return jax.lax.bitcast_convert_type(bits, like).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def upcast_matmul(x: jnp.ndarray, w: jnp.ndarray, dtype, rows: int):
+  """x [..., in] @ W.T for a float W [out, in] stored in a 16-bit float
+  dtype narrower than the compute `dtype` (a bfloat16 base, float32
+  matmuls): W is upcast `rows` rows at a time inside a loop, forward and
+  backward, so that no full-size copy of W in `dtype` exists. Each output
+  element is the same dot over the whole input axis as the unchunked
+  matmul's. The gradient of W, when W is differentiated, is the usual one,
+  cast to W's dtype."""
+  out_f = w.shape[0]
+  chunks = _as_bits(w).reshape(out_f // rows, rows, w.shape[1])
+  ys = jax.lax.map(
+    lambda c: _dot_last(x, _upcast(c, w.dtype, dtype), 1), chunks
+  )
+  ys = jnp.moveaxis(ys, 0, -2)  # [..., chunks, rows]
+  return ys.reshape(*x.shape[:-1], out_f)
+
+
+def _upcast_fwd(x, w, dtype, rows):
+  return upcast_matmul(x, w, dtype, rows), (x, w)
+
+
+def _upcast_bwd(dtype, rows, res, g):
+  x, w = res
+  g = g.astype(dtype)
+  n = w.shape[0] // rows
+  chunks = _as_bits(w).reshape(n, rows, w.shape[1])
+  gs = jnp.moveaxis(g.reshape(*g.shape[:-1], n, rows), -2, 0)
+
+  def body(acc, args):
+    c, gc = args
+    return acc + _dot_last(gc, _upcast(c, w.dtype, dtype), 0), None
+
+  init = jnp.zeros((*g.shape[:-1], w.shape[1]), dtype)
+  dx, _ = jax.lax.scan(body, init, (chunks, gs))
+  lead = tuple(range(g.ndim - 1))
+  dw = jax.lax.dot_general(g, x.astype(dtype), ((lead, lead), ((), ())))
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+upcast_matmul.defvjp(_upcast_fwd, _upcast_bwd)
+
+
 def frozen_matmul(
   x: jnp.ndarray, weight, dtype, kernel: str = "auto"
 ) -> jnp.ndarray:
   """x [..., in] @ W.T for W [out, in]: a QuantizedTensor or a float array;
-  `kernel` ("auto", "xla", "pallas") applies to a QuantizedTensor."""
+  `kernel` ("auto", "xla", "pallas") applies to a QuantizedTensor. A float
+  W narrower than `dtype` is upcast in chunks (`upcast_matmul`)."""
   if isinstance(weight, quant.QuantizedTensor):
     kernel = resolve_kernel(kernel, weight)
     return quantized_matmul(x.astype(dtype), weight, jnp.dtype(dtype), kernel)
+  dtype = jnp.dtype(dtype)
+  if jnp.dtype(weight.dtype).itemsize == 2 and dtype.itemsize == 4:
+    rows = float_chunk_rows(weight)
+    if rows is not None:
+      return upcast_matmul(x.astype(dtype), weight, dtype, rows)
   return _dot_last(x.astype(dtype), weight.astype(dtype), 1)
 
 
