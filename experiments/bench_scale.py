@@ -41,7 +41,7 @@ from absl import app, flags
 
 from qlora_jax import models
 from qlora_jax.bench import scale
-from qlora_jax.engine import console, memory
+from qlora_jax.engine import console, memory, modes
 
 _SHAPES = flags.DEFINE_list("shapes", ["1b", "3b", "7b", "13b"], "Shapes.")
 _MODES = flags.DEFINE_list(
@@ -132,15 +132,19 @@ def _run(impl: str, mode: str, folder: pathlib.Path | str) -> dict:
 def _predicted(shape: str, mode: str) -> memory.Breakdown:
   config = models.from_dict(memory.family_config_dict(shape))
   dtype = jnp.bfloat16 if mode == "lora_bf16" else jnp.float32
-  return memory.predict_mode(
+  lora, quant_plan, _, patterns = modes.plan_inputs(mode, _RANK.value)
+  base_dtype, embed_dtype = scale.frozen_dtypes(mode, _RANK.value)
+  return memory.predict(
     config,
-    mode,
-    rank=_RANK.value,
+    lora=lora,
+    quant_plan=quant_plan,
+    train_patterns=patterns,
     batch=_BATCH.value,
     seq=_SEQ.value,
     remat=True,
     dtype=dtype,
-    embed_dtype=scale.embed_dtype(mode),
+    base_dtype=base_dtype,
+    embed_dtype=embed_dtype,
   )
 
 

@@ -88,6 +88,24 @@ def test_trains_from_disk_with_phase_peaks(folder):
   assert g["losses"] == r["losses"]
 
 
+def test_frozen_floats_in_bfloat16_train_as_in_float32(folder, monkeypatch):
+  """bench_scale keeps the embeddings, norms and head of a QLoRA run in the
+  checkpoints' bfloat16 (`frozen_dtypes`): the same values as float32
+  copies of them, so the same losses (1e-6 relative: float32 sums) at
+  fewer bytes."""
+  assert scale.frozen_dtypes("qlora_nf4_dq") == ("bfloat16", "bfloat16")
+  assert scale.frozen_dtypes("full") == ("float32", None)
+  assert scale.frozen_dtypes("lora_f32") == ("float32", "bfloat16")
+  narrow = scale.train_from_disk(
+    folder, "qlora_nf4_dq", batch=1, seq=32, rank=4
+  )
+  monkeypatch.setattr(
+    scale, "frozen_dtypes", lambda mode, rank=16: (np.dtype("float32"), None)
+  )
+  wide = scale.train_from_disk(folder, "qlora_nf4_dq", batch=1, seq=32, rank=4)
+  np.testing.assert_allclose(narrow["losses"], wide["losses"], rtol=1e-6)
+
+
 def test_missing_truncated_and_phantom_shards_are_named(folder, tmp_path):
   import shutil  # noqa: PLC0415
 

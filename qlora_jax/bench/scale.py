@@ -34,7 +34,7 @@ import optax
 from qlora_jax import models
 from qlora_jax import nn as qnn
 from qlora_jax.bench.layers import mode_inputs
-from qlora_jax.engine import memory, modes, profiling, steps
+from qlora_jax.engine import memory, profiling, steps
 from qlora_jax.models.minilm import cache_dir
 
 SHARD_BYTES = 2 * 10**9
@@ -199,12 +199,20 @@ def checkpoint_bytes(folder: pathlib.Path) -> int:
   return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def embed_dtype(mode: str):
-  """The embedding's storage dtype in `mode`: the checkpoints' bfloat16
-  where it is frozen (only gathered from: the same losses, half the
-  bytes; PEFT + bitsandbytes keep it in bfloat16 too), None (the base
-  dtype, float32) where it trains."""
-  return None if modes.plan_inputs(mode, 1)[3] else jnp.bfloat16
+def frozen_dtypes(mode: str, rank: int = 16):
+  """(base dtype, embedding dtype) of `mode` over these bfloat16
+  checkpoints. Frozen floats that are not quantized (embeddings, norms, an
+  untied head) stay in the checkpoint's bfloat16 as PEFT + bitsandbytes
+  keep them: lossless, half the bytes of float32, and the matmuls upcast
+  them a chunk at a time. LoRA over a float32 base keeps its base (and
+  the small norms) in float32; full fine-tuning trains everything in
+  float32."""
+  _, quant_cfg, base_dtype, patterns = mode_inputs(mode, rank)
+  if patterns:  # full fine-tuning
+    return base_dtype, None
+  if quant_cfg is not None:
+    return jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16)
+  return base_dtype, jnp.dtype(jnp.bfloat16)
 
 
 def train_from_disk(
@@ -221,7 +229,8 @@ def train_from_disk(
   """Loads `folder` (or a generated checkpoint) for `mode` and trains
   `steps_run` steps on random tokens (remat, scanned layers, AdamW);
   returns the figures."""
-  lora, quant_cfg, base_dtype, patterns = mode_inputs(mode, rank)
+  lora, quant_cfg, _, patterns = mode_inputs(mode, rank)
+  base_dtype, embed_dtype = frozen_dtypes(mode, rank)
   if mode == "lora_bf16":  # keep the base in bf16 end to end: no f32 copy
     dtype = jnp.bfloat16
   if isinstance(folder, GeneratedLlama):
@@ -241,7 +250,7 @@ def train_from_disk(
   spec = models.ModelSpec(config, "causal_lm")
   plan = models.model_plan(spec, lora, quant_cfg, True)
   opts = models.Options(
-    plan, dtype, base_dtype, True, True, embed_dtype=embed_dtype(mode)
+    plan, dtype, base_dtype, True, True, embed_dtype=embed_dtype
   )
   model = spec.build(opts)
   a_train, a_frozen = qnn.split_trainable(
@@ -281,7 +290,7 @@ def train_from_disk(
     quant=quant_cfg,
     dtype=dtype,
     base_dtype=base_dtype,
-    embed_dtype=embed_dtype(mode),
+    embed_dtype=embed_dtype,
     scan_layers=True,
     remat=True,
   )
