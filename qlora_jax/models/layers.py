@@ -81,16 +81,7 @@ class Embed(nn.Module):
     )
 
   def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-    table = self.embedding
-    if table.dtype.itemsize == 2 and jnp.dtype(self.opts.dtype).itemsize == 4:
-      # XLA:CPU gathers 16-bit floats in float32 (converting the whole
-      # table first): gather the bit patterns, then convert the rows.
-      bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
-      rows = jax.lax.bitcast_convert_type(
-        jnp.take(bits, ids, axis=0), table.dtype
-      )
-      return rows.astype(self.opts.dtype)
-    return jnp.take(table, ids, axis=0).astype(self.opts.dtype)
+    return jnp.take(self.embedding, ids, axis=0).astype(self.opts.dtype)
 
 
 class RMSNorm(nn.Module):

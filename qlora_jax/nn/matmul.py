@@ -59,6 +59,12 @@ def chunk_rows(qt: quant.QuantizedTensor) -> int | None:
   bits = get_data_type(qt.data_type).bits
   if 8 % bits or in_f % qt.block_size or qt.block_size % (8 // bits):
     return None
+  return _rows_per_chunk(out_f, in_f)
+
+
+def _rows_per_chunk(out_f: int, in_f: int) -> int:
+  """The most rows of [out_f, in_f], dividing out_f, within CHUNK_ELEMENTS
+  (at least one)."""
   rows = max(1, min(out_f, CHUNK_ELEMENTS // in_f))
   while out_f % rows:
     rows -= 1
@@ -200,11 +206,7 @@ def float_chunk_rows(w: jnp.ndarray) -> int | None:
   """Rows per chunk for `upcast_matmul` of W, None if W is not 2-D."""
   if w.ndim != 2:
     return None
-  out_f, in_f = w.shape
-  rows = max(1, min(out_f, CHUNK_ELEMENTS // in_f))
-  while out_f % rows:
-    rows -= 1
-  return rows
+  return _rows_per_chunk(*w.shape)
 
 
 def _as_bits(w: jnp.ndarray) -> jnp.ndarray:
