@@ -200,3 +200,35 @@ def test_quantized_and_float_loads_agree_with_the_numpy_rule(tmp_path):
     np.asarray(got["weight"]).view(np.uint16),
     w.astype(ml_dtypes.bfloat16).view(np.uint16),
   )
+
+
+def test_a_new_head_is_what_the_models_own_initialisers_give():
+  # The loader initialises what the checkpoint lacks (a classification
+  # head) in one jitted apply that keeps only those variables: exactly the
+  # values of the model's apply run op by op with the same key.
+  import jax  # noqa: PLC0415
+
+  from qlora_jax import nn as qnn  # noqa: PLC0415
+  from qlora_jax.models import pretrained  # noqa: PLC0415
+
+  lm = models.from_pretrained(
+    HF / "bert", task="classification", num_labels=3, lora={"rank": 2}
+  )
+  flat = qnn.flatten(lm.variables)
+  new = [p for p in flat if "classifier" in "/".join(p)]
+  assert new, sorted("/".join(p) for p in flat)
+  loaded = {p: v for p, v in flat.items() if p not in new}
+  key = jax.random.fold_in(jax.random.key(0), 1 << 30)
+  spec = models.ModelSpec(lm.config, "classification", 3)
+  _, eager = lm.model.apply(
+    qnn.unflatten(loaded),
+    *spec.dummy_inputs(),
+    rngs={"params": key},
+    mutable=[qnn.PARAMS],
+  )
+  eager = qnn.flatten(eager)
+  got = pretrained._new_variables(lm.model, spec, loaded, key)
+  assert sorted(got) == sorted(new)
+  for p in new:
+    np.testing.assert_array_equal(got[p], eager[p])
+    np.testing.assert_array_equal(flat[p], eager[p])

