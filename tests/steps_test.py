@@ -139,8 +139,8 @@ def test_chunked_lm_loss_equals_the_full_logits_loss(monkeypatch, head):
   def fused(t):
     return tasks.batch_sums("causal_lm", lm.model, t, batch, True, None, frozen)
 
-  b = full(trainable)
-  gb = jax.grad(lambda t: full(t)["loss"])(trainable)
+  b = jax.jit(full)(trainable)
+  gb = jax.jit(jax.grad(lambda t: full(t)["loss"]))(trainable)
   for fn in (chunked, fused):
     a = jax.jit(fn)(trainable)
     for k in ("loss", "weight", "correct"):
