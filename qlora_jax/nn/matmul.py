@@ -115,7 +115,7 @@ def _chunked_forward(x, qt: quant.QuantizedTensor, dtype, rows: int):
     planes = _planes(*args, qt.data_type, qt.block_size, dtype)
     return sum(_dot_last(xp, w, 1) for xp, w in zip(xs, planes, strict=True))
 
-  if rows == qt.shape[0]:  # one chunk: no loop (faster to compile)
+  if layout[0].shape[0] == 1:  # one chunk: no loop (faster to compile)
     return one(jax.tree.map(lambda a: a[0], layout))
   ys = jax.lax.map(one, layout)  # [chunks, ..., rows]
   ys = jnp.moveaxis(ys, 0, -2)  # [..., chunks, rows]
@@ -139,12 +139,11 @@ def _chunked_input_grad(g, qt: quant.QuantizedTensor, dtype, rows: int):
       d + _dot_last(gc, w, 0) for d, w in zip(acc, planes, strict=True)
     ], None
 
+  xs = (codes, absmax, minimum, gs)
   if n == 1:  # one chunk: no loop (faster to compile)
-    first = jax.tree.map(lambda a: a[0], (codes, absmax, minimum, gs))
-    planes = _planes(*first[:3], qt.data_type, qt.block_size, dtype)
-    parts = [_dot_last(first[3], w, 0) for w in planes]
+    parts, _ = body(init, jax.tree.map(lambda a: a[0], xs))
   else:
-    parts, _ = jax.lax.scan(body, init, (codes, absmax, minimum, gs))
+    parts, _ = jax.lax.scan(body, init, xs)
   return jnp.stack(parts, axis=-1).reshape(*g.shape[:-1], in_f)
 
 
