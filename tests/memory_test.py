@@ -319,7 +319,7 @@ def test_settings_with_a_float_base_are_not_counted_as_quantized():
 
 
 def test_fsdp_gathers_one_layer_in_every_mode():
-  config = _config(256, 4, 4, 4, 512, 4096)
+  config = _config(256, 4, 4, 4, 512, 1024)
   for mode in ("full", "qlora_nf4_dq"):
     lora, q, base, patterns = _mode(mode)
     kw = dict(

@@ -20,8 +20,8 @@ With remat, one hidden state [N, h] per layer is kept; the backward of one
 layer recomputes its forward, and that layer's working set (attention
 scores [b, heads, s, s], MLP activations [N, I], the dequantized weights)
 or one chunk of logits and its gradient [chunk, V] is the transient,
-whichever is larger. Without remat every layer keeps its activations (and,
-for a quantized base, its dequantized weights).
+whichever is larger. Without remat every layer keeps its activations (a
+quantized base is dequantized again in the backward pass).
 """
 
 import dataclasses
@@ -45,11 +45,13 @@ MiB, GiB = 2**20, 2**30
 # rematerialised layer (fitted on XLA:CPU, jax 0.10.2): [N, h], [N, I],
 # attention scores (float32), the largest linear weight dequantized (a
 # float base needs fewer copies), and a fixed part.
-LAYER_COPIES = {"hidden": 13.7, "mlp": 8.7, "scores": 5.1, "fixed": 1 * MiB}
-WEIGHT_COPIES = {"quantized": 3.8, "float": 1.8}
+LAYER_COPIES = {"hidden": 14.1, "mlp": 6.1, "scores": 0.5, "fixed": 1 * MiB}
+WEIGHT_COPIES = {"quantized": 3.4, "float": 2.6}
 # Without remat, kept per layer for the backward pass (in float32 even
-# with a bfloat16 compute dtype: XLA:CPU saves upcast values).
-SAVED_COPIES = {"hidden": 13.6, "mlp": 0.3, "scores": 1.9}
+# with a bfloat16 compute dtype: XLA:CPU saves upcast values). The
+# backward pass dequantizes a quantized base again: no float copy of a
+# frozen weight is kept.
+SAVED_COPIES = {"hidden": 7.7, "mlp": 2.2, "scores": 0.2}
 # One chunk of float32 logits and its gradient.
 HEAD_COPIES = 2.0
 
@@ -261,7 +263,11 @@ def predict(
   cb = dtype.itemsize
   b = batch // devices
   n = b * seq
-  hidden, mlp = n * s.hidden * cb, n * s.intermediate * cb
+  on_cpu = (platform or jax.default_backend()) == "cpu"
+  # XLA:CPU computes bfloat16 elementwise work in float32: a layer's
+  # working set is float32 there whatever the compute dtype.
+  ab = 4 if on_cpu else cb
+  hidden, mlp = n * s.hidden * ab, n * s.intermediate * ab
   scores = b * s.heads * seq * seq * 4
   quantized = quant_plan is not None
   w = (
@@ -278,13 +284,12 @@ def predict(
   chunk, _ = losses.lm_chunks(n, most)
   head = HEAD_COPIES * chunk * s.vocab * 4 if task == "causal_lm" else 0
   if remat:
-    saved = s.layers * hidden
+    saved = s.layers * n * s.hidden * cb  # the hidden state entering each layer
   else:
     saved = s.layers * (
       SAVED_COPIES["hidden"] * n * s.hidden * 4
       + SAVED_COPIES["mlp"] * n * s.intermediate * 4
       + SAVED_COPIES["scores"] * scores
-      + (s.layer_linear_params * 4 if quantized else 0)
     )
   # A float base held in bfloat16 (or another dtype than the compute
   # dtype) in scanned layers: XLA:CPU slices bfloat16 in float32, so it
@@ -293,7 +298,6 @@ def predict(
   # every frozen linear weight exists during the step.
   upcast = 0
   narrow = base_dtype.itemsize < 4
-  on_cpu = (platform or jax.default_backend()) == "cpu"
   if (
     not quantized
     and not train_patterns

@@ -33,6 +33,39 @@ def causal_mask(
   return allowed
 
 
+@jax.custom_vjp
+def masked_softmax(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+  """Softmax over keys of scores [B, Hkv, G, Lq, Lk] where `mask` [B, Lq,
+  Lk] allows (the rest get float32's lowest value first, as in
+  transformers), as [B, Hkv, G * Lq, Lk]: the layout of the second matmul.
+
+  Its backward pass keeps only the probabilities (and the unbroadcast
+  mask). Differentiated op by op, the masked scores, their exponentials
+  and the probabilities would each be kept, and in the reshaped layout
+  once more; a scan over layers stacks every kept array per layer, and on
+  a CPU writing and reading them back costs more than recomputing.
+  """
+  b, hkv, g, lq, lk = scores.shape
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores.dtype).min)
+  return jax.nn.softmax(scores, axis=-1).reshape(b, hkv, g * lq, lk)
+
+
+def _masked_softmax_fwd(scores, mask):
+  probs = masked_softmax(scores, mask)
+  return probs, (probs, mask)
+
+
+def _masked_softmax_bwd(res, d_probs):
+  probs, mask = res
+  b, lq, lk = mask.shape
+  d = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+  d = d.reshape(b, -1, d.shape[2] // lq, lq, lk)
+  return jnp.where(mask[:, None, None], d, 0).astype(d_probs.dtype), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
 def attend(
   q: jnp.ndarray,
   k: jnp.ndarray,
@@ -67,11 +100,9 @@ def attend(
     "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
   )
   scores = scores.reshape(b, hkv, g, lq, lk) * np.float32(d**-0.5)
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = masked_softmax(scores, mask).astype(v.dtype)
   if dropout is not None:
     probs = dropout(probs)
-  probs = probs.reshape(b, hkv, g * lq, lk)
   out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)  # [b, hkv, g * lq, d]
   out = out.reshape(b, hkv, g, lq, d).transpose(0, 3, 1, 2, 4)
   return out.reshape(b, lq, h * d)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from qlora_jax import nn as qnn
 from qlora_jax.models import rope
-from qlora_jax.models.activations import activation
+from qlora_jax.models.activations import activation, gated
 from qlora_jax.models.attention import (
   KVCache,
   attend,
@@ -43,6 +43,9 @@ class LlamaAttention(nn.Module):
     c, det = self.config, self.deterministic
     b, length, _ = x.shape
     h, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
+    # One 2-D input for the three projections: each would otherwise keep
+    # its own reshaped copy of it for the backward pass.
+    x = x.reshape(b * length, -1)
     q = dense(self.opts, h * d, c.qkv_bias, "q_proj")(x, det)
     k = dense(self.opts, hkv * d, c.qkv_bias, "k_proj")(x, det)
     v = dense(self.opts, hkv * d, c.qkv_bias, "v_proj")(x, det)
@@ -72,7 +75,9 @@ class LlamaMLP(nn.Module):
     gate = dense(self.opts, c.intermediate_size, c.mlp_bias, "gate_proj")
     up = dense(self.opts, c.intermediate_size, c.mlp_bias, "up_proj")
     down = dense(self.opts, c.hidden_size, c.mlp_bias, "down_proj")
-    return down(activation(c.hidden_act)(gate(x, det)) * up(x, det), det)
+    flat = x.reshape(-1, x.shape[-1])  # one kept copy for gate and up
+    h = gated(activation(c.hidden_act), gate(flat, det), up(flat, det))
+    return down(h, det).reshape(x.shape)
 
 
 class LlamaBlock(nn.Module):
