@@ -134,3 +134,44 @@ def test_bad_generation_requests_raise(llama):
       max_new_tokens=2,
       temperature=1.0,
     )
+
+
+def test_quantized_generation_dequantizes_one_layer_at_a_time():
+  """Compiled greedy generation over a 4-bit model needs scratch memory
+  for about one layer's dequantized weights, not the whole model's: XLA
+  neither hoists the dequantizations out of the decoding loop nor starts
+  them all before the prompt's forward pass. The float32 bytes of the
+  dequantized weights are counted from the shapes; the bound (one
+  layer's) fails by 8x when XLA schedules the dequantizations freely (it
+  then holds every layer's twice: hoisted, and for the prompt)."""
+  layers, hidden, inter, kv = 4, 256, 1024, 128
+  cfg = {
+    "model_type": "llama",
+    "vocab_size": 128,
+    "hidden_size": hidden,
+    "intermediate_size": inter,
+    "num_hidden_layers": layers,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+  }
+  quant = {"data_type": "nf4", "block_size": 64, "double_quant": True}
+  lm = models.init_random(cfg, task="causal_lm", quant=quant)
+  per_layer = 4 * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter)
+  ids = np.ones((1, 8), np.int32)
+  compiled = generation._generate.lower(
+    lm.model,
+    lm.variables,
+    ids,
+    np.ones_like(ids),
+    jax.random.key(0),
+    max_new_tokens=4,
+    eos_ids=(),
+    pad_id=0,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+  ).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < per_layer, (temp, per_layer, layers * per_layer)

@@ -20,6 +20,7 @@ interpret mode on the CPU) or "auto" (Pallas on a single GPU or TPU for the
 layouts it reads, XLA otherwise).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -147,6 +148,24 @@ def _chunked_input_grad(g, qt: quant.QuantizedTensor, dtype, rows: int):
   return jnp.stack(parts, axis=-1).reshape(*g.shape[:-1], in_f)
 
 
+def _after(x: jnp.ndarray, qt: quant.QuantizedTensor):
+  """(x, qt), with qt's codes made to depend on x (values unchanged).
+
+  A weight's dequantization depends on the weights alone, so XLA is free
+  to schedule it anywhere: its CPU scheduler starts every layer's at the
+  top of a step, and a decoding loop hoists them all out of the loop, so
+  that the whole model lives in float (an optimization barrier stops the
+  hoisting but not the early start: the CPU pipeline drops barriers
+  before it schedules). Adding to the codes a zero that XLA cannot fold,
+  computed from one element of x (its sign bit shifted out: exact whatever
+  x holds), makes W dequantized when it is used, one layer at a time.
+  """
+  first = jax.lax.slice(x, (0,) * x.ndim, (1,) * x.ndim).reshape(())
+  bits = jax.lax.bitcast_convert_type(first.astype(jnp.float32), jnp.uint32)
+  zero = ((bits >> jnp.uint32(31)) >> jnp.uint32(1)).astype(qt.codes.dtype)
+  return x, dataclasses.replace(qt, codes=qt.codes + zero)
+
+
 def resolve_kernel(kernel: str, qt: quant.QuantizedTensor) -> str:
   """ "xla" or "pallas" for a requested `kernel` and the weight's layout.
 
@@ -183,6 +202,7 @@ def quantized_matmul(
   `kernel` is "xla" or "pallas" (see `resolve_kernel`)."""
   if kernel == "pallas":
     return pallas_matmul.matmul(x, qt, dtype)
+  x, qt = _after(x, qt)
   rows = chunk_rows(qt)
   if rows is None:
     return _dot_last(x, quant.dequantize(qt, dtype), 1)
@@ -199,8 +219,10 @@ def _bwd(dtype, kernel, qt, g):
   if kernel == "pallas":
     dx = pallas_matmul.input_grad(g, qt, dtype)
   elif rows is None:
+    g, qt = _after(g, qt)
     dx = _dot_last(g, quant.dequantize(qt, dtype), 0)
   else:
+    g, qt = _after(g, qt)
     dx = _chunked_input_grad(g, qt, dtype, rows)
   return dx, _zero_cotangent(qt)
 
