@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from qlora_jax import nn as qnn
 from qlora_jax import quant
@@ -392,3 +393,30 @@ def test_a_bfloat16_weight_is_upcast_in_chunks(monkeypatch):
   text = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
   whole = rf"f32\[({HID},{IN}|([2-9]|\d{{2,}}),16,{IN})\]"  # not [1,16,IN]
   assert not re.search(whole, text), re.search(whole, text)
+
+
+def test_few_token_planes_read_by_selects_equal_the_gathered_ones():
+  """Matmuls over at most SELECT_MAX_TOKENS tokens read a table of up to
+  16 entries by a tree of selects: every code of every such data type
+  gives the table's value bit for bit, and the matmul is the gathered
+  path's exactly (same planes, same dots)."""
+  from qlora_jax.nn import matmul as fm
+  from qlora_jax.quant.codebooks import get_data_type
+
+  for name in ("nf4", "fp4", "int4", "nf3", "int2", "int4_asym"):
+    dt = get_data_type(name)
+    idx = jnp.arange(2**dt.bits, dtype=jnp.uint8)
+    got = np.asarray(fm._select_tree(dt.values, idx))
+    np.testing.assert_array_equal(
+      got.view(np.uint32), dt.values.view(np.uint32)
+    )
+  w = jax.random.normal(jax.random.key(3), (HID, IN)) * 0.1
+  x = jax.random.normal(jax.random.key(4), (3, IN))
+  for spec in (("nf4", 64, True), ("fp4", 32, False), ("nf2", 64, False)):
+    qt = quant.quantize(w, *spec)
+    few = np.asarray(fm.quantized_matmul(x, qt, jnp.float32))
+    assert x.shape[0] <= fm.SELECT_MAX_TOKENS
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(fm, "SELECT_MAX_TOKENS", 0)
+      gathered = np.asarray(fm.quantized_matmul(x, qt, jnp.float32))
+    np.testing.assert_array_equal(few, gathered)

@@ -22,6 +22,7 @@ layouts it reads, XLA otherwise).
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,8 @@ from qlora_jax.quant.codebooks import get_data_type
 # Elements of W dequantized per loop iteration (4 MiB of float32).
 CHUNK_ELEMENTS = 1 << 20
 KERNELS = ("auto", "xla", "pallas")
+# Matmuls over at most this many tokens read the code table by selects.
+SELECT_MAX_TOKENS = 16
 
 
 def _dot_last(x: jnp.ndarray, w: jnp.ndarray, w_axis: int) -> jnp.ndarray:
@@ -72,11 +75,39 @@ def _rows_per_chunk(out_f: int, in_f: int) -> int:
   return rows
 
 
-def _planes(codes, absmax, minimum, data_type: str, block_size: int, dtype):
+def _select_tree(values: np.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
+  """values[idx] (exactly) by a tree of selects on idx's bits."""
+  level = [np.float32(v) for v in values]
+  bit = 0
+  while len(level) > 1:
+    on = (idx & jnp.uint8(1 << bit)) != 0
+    level = [
+      jnp.where(on, level[2 * i + 1], level[2 * i])
+      for i in range(len(level) // 2)
+    ]
+    bit += 1
+  return level[0]
+
+
+def _planes(
+  codes,
+  absmax,
+  minimum,
+  data_type: str,
+  block_size: int,
+  dtype,
+  select: bool = False,
+):
   """Dequantized planes of a chunk: codes [rows, in*bits/8], absmax (or an
   asymmetric type's scale) and minimum (or None) [rows, in/block] ->
   per_byte arrays [rows, in/per_byte]; plane p holds columns p, p +
-  per_byte, ..."""
+  per_byte, ...
+
+  `select` reads a table of up to 16 entries by a tree of selects rather
+  than a gather (the same values): XLA:CPU vectorizes the selects, but
+  fuses them into larger loops that keep more of a training step's
+  buffers alive, so only matmuls over a few tokens (decoding) use it.
+  """
   dt = get_data_type(data_type)
   per_byte = 8 // dt.bits
   rows, nbytes = codes.shape
@@ -86,7 +117,11 @@ def _planes(codes, absmax, minimum, data_type: str, block_size: int, dtype):
   planes = []
   for p in range(per_byte):
     idx = (codes >> jnp.uint8(8 - dt.bits * (p + 1))) & mask
-    values = table[idx.astype(jnp.int32)].reshape(rows, -1, per_block)
+    if select and dt.bits <= 4:
+      values = _select_tree(dt.values, idx)
+    else:
+      values = table[idx.astype(jnp.int32)]
+    values = values.reshape(rows, -1, per_block)
     values = values * absmax[:, :, None]
     if minimum is not None:
       values = values + minimum.astype(jnp.float32)[:, :, None]
@@ -112,8 +147,10 @@ def _chunked_forward(x, qt: quant.QuantizedTensor, dtype, rows: int):
   layout = _chunked_layout(qt, rows)
   xs = _split_columns(x, per_byte)
 
+  select = math.prod(x.shape[:-1]) <= SELECT_MAX_TOKENS
+
   def one(args):
-    planes = _planes(*args, qt.data_type, qt.block_size, dtype)
+    planes = _planes(*args, qt.data_type, qt.block_size, dtype, select)
     return sum(_dot_last(xp, w, 1) for xp, w in zip(xs, planes, strict=True))
 
   if layout[0].shape[0] == 1:  # one chunk: no loop (faster to compile)
