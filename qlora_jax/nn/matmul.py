@@ -35,7 +35,8 @@ from qlora_jax.quant.codebooks import get_data_type
 # Elements of W dequantized per loop iteration (4 MiB of float32).
 CHUNK_ELEMENTS = 1 << 20
 KERNELS = ("auto", "xla", "pallas")
-# Matmuls over at most this many tokens read the code table by selects.
+# Matmuls over at most this many tokens, not differentiated (decoding),
+# read the code table by selects.
 SELECT_MAX_TOKENS = 16
 
 
@@ -106,7 +107,8 @@ def _planes(
   `select` reads a table of up to 16 entries by a tree of selects rather
   than a gather (the same values): XLA:CPU vectorizes the selects, but
   fuses them into larger loops that keep more of a training step's
-  buffers alive, so only matmuls over a few tokens (decoding) use it.
+  buffers alive, so only matmuls over a few tokens that are not
+  differentiated (decoding) use it.
   """
   dt = get_data_type(data_type)
   per_byte = 8 // dt.bits
@@ -142,12 +144,12 @@ def _split_columns(x: jnp.ndarray, per_byte: int) -> list[jnp.ndarray]:
   return [x[..., p::per_byte] for p in range(per_byte)]
 
 
-def _chunked_forward(x, qt: quant.QuantizedTensor, dtype, rows: int):
+def _chunked_forward(
+  x, qt: quant.QuantizedTensor, dtype, rows: int, select: bool
+):
   per_byte = 8 // get_data_type(qt.data_type).bits
   layout = _chunked_layout(qt, rows)
   xs = _split_columns(x, per_byte)
-
-  select = math.prod(x.shape[:-1]) <= SELECT_MAX_TOKENS
 
   def one(args):
     planes = _planes(*args, qt.data_type, qt.block_size, dtype, select)
@@ -231,23 +233,31 @@ def resolve_kernel(kernel: str, qt: quant.QuantizedTensor) -> str:
   return "xla"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def quantized_matmul(
-  x: jnp.ndarray, qt: quant.QuantizedTensor, dtype, kernel: str = "xla"
-):
-  """x [..., in] @ dequantize(qt).T -> [..., out]; x is already in `dtype`;
-  `kernel` is "xla" or "pallas" (see `resolve_kernel`)."""
+def _forward(x, qt: quant.QuantizedTensor, dtype, kernel: str, select: bool):
   if kernel == "pallas":
     return pallas_matmul.matmul(x, qt, dtype)
   x, qt = _after(x, qt)
   rows = chunk_rows(qt)
   if rows is None:
     return _dot_last(x, quant.dequantize(qt, dtype), 1)
-  return _chunked_forward(x, qt, dtype, rows)
+  return _chunked_forward(x, qt, dtype, rows, select)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def quantized_matmul(
+  x: jnp.ndarray, qt: quant.QuantizedTensor, dtype, kernel: str = "xla"
+):
+  """x [..., in] @ dequantize(qt).T -> [..., out]; x is already in `dtype`;
+  `kernel` is "xla" or "pallas" (see `resolve_kernel`).
+
+  Not differentiated (inference) over at most SELECT_MAX_TOKENS tokens,
+  the code table is read by selects (see `_planes`)."""
+  select = math.prod(x.shape[:-1]) <= SELECT_MAX_TOKENS
+  return _forward(x, qt, dtype, kernel, select)
 
 
 def _fwd(x, qt, dtype, kernel):
-  return quantized_matmul(x, qt, dtype, kernel), qt
+  return _forward(x, qt, dtype, kernel, False), qt
 
 
 def _bwd(dtype, kernel, qt, g):
