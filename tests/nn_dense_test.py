@@ -401,12 +401,13 @@ def test_few_token_planes_read_by_selects_equal_the_gathered_ones():
   gives the table's value bit for bit, and the matmul is the gathered
   path's exactly (same planes, same dots)."""
   from qlora_jax.nn import matmul as fm
+  from qlora_jax.quant.blockwise import select_values
   from qlora_jax.quant.codebooks import get_data_type
 
   for name in ("nf4", "fp4", "int4", "nf3", "int2", "int4_asym"):
     dt = get_data_type(name)
     idx = jnp.arange(2**dt.bits, dtype=jnp.uint8)
-    got = np.asarray(fm._select_tree(dt.values, idx))
+    got = np.asarray(select_values(dt.values, idx))
     np.testing.assert_array_equal(
       got.view(np.uint32), dt.values.view(np.uint32)
     )

@@ -30,6 +30,7 @@ import numpy as np
 
 from qlora_jax import quant
 from qlora_jax.nn import pallas_matmul
+from qlora_jax.quant.blockwise import select_values
 from qlora_jax.quant.codebooks import get_data_type
 
 # Elements of W dequantized per loop iteration (4 MiB of float32).
@@ -76,20 +77,6 @@ def _rows_per_chunk(out_f: int, in_f: int) -> int:
   return rows
 
 
-def _select_tree(values: np.ndarray, idx: jnp.ndarray) -> jnp.ndarray:
-  """values[idx] (exactly) by a tree of selects on idx's bits."""
-  level = [np.float32(v) for v in values]
-  bit = 0
-  while len(level) > 1:
-    on = (idx & jnp.uint8(1 << bit)) != 0
-    level = [
-      jnp.where(on, level[2 * i + 1], level[2 * i])
-      for i in range(len(level) // 2)
-    ]
-    bit += 1
-  return level[0]
-
-
 def _planes(
   codes,
   absmax,
@@ -120,7 +107,7 @@ def _planes(
   for p in range(per_byte):
     idx = (codes >> jnp.uint8(8 - dt.bits * (p + 1))) & mask
     if select and dt.bits <= 4:
-      values = _select_tree(dt.values, idx)
+      values = select_values(dt.values, idx)
     else:
       values = table[idx.astype(jnp.int32)]
     values = values.reshape(rows, -1, per_block)

@@ -12,13 +12,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from qlora_jax.quant.blockwise import DQ_GROUP
+from qlora_jax.quant.blockwise import DQ_GROUP, select_values
 from qlora_jax.quant.dynamic_map import DYNAMIC_MAP_SIGNED
 
 
@@ -60,22 +59,6 @@ def _planes(codes, scales, spec: Spec, lookup, expand):
   c = codes.astype(jnp.int32)
   values = (lookup(c >> 4), lookup(c & 15))
   return tuple(expand(v, scales).astype(spec.dtype) for v in values)
-
-
-def _select_lookup(table):
-  """table[idx] for idx in [0, 16) by a tree of 15 selects on idx's bits."""
-
-  def lookup(idx):
-    level = [np.float32(v) for v in table]
-    for bit in range(4):
-      on = (idx & (1 << bit)) != 0
-      level = [
-        jnp.where(on, level[2 * i + 1], level[2 * i])
-        for i in range(len(level) // 2)
-      ]
-    return level[0]
-
-  return lookup
 
 
 def _expand_by_reshape(values, scales):
@@ -243,7 +226,7 @@ def gpu_input_grad(spec: Spec, g, codes, absmax, dq):
 
 
 def _tpu_planes(codes_ref, absmax_ref, spec: Spec):
-  lookup = _select_lookup(spec.table)
+  lookup = functools.partial(select_values, spec.table)
   return _planes(
     codes_ref[...], absmax_ref[...], spec, lookup, _expand_by_select
   )

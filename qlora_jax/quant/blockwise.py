@@ -170,6 +170,22 @@ def encode(scaled: jnp.ndarray, dt: DataType) -> jnp.ndarray:
   return jnp.asarray(dt.encode_codes)[idx]
 
 
+def select_values(values, idx: jnp.ndarray) -> jnp.ndarray:
+  """values[idx], exactly, for a table of 2**k float32 values, by a tree
+  of selects on idx's bits (vectorized where a gather is not: XLA:CPU
+  loads gathered elements one by one, Mosaic has no vector gather)."""
+  level = [np.float32(v) for v in values]
+  bit = 0
+  while len(level) > 1:
+    on = (idx & (1 << bit)) != 0
+    level = [
+      jnp.where(on, level[2 * i + 1], level[2 * i])
+      for i in range(len(level) // 2)
+    ]
+    bit += 1
+  return level[0]
+
+
 def quantize_blocks(x: jnp.ndarray, dt: DataType, block_size: int):
   """Flat x -> (codes uint8[n], absmax float32[num_blocks])."""
   n = x.shape[0]
