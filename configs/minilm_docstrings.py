@@ -32,7 +32,8 @@ def get_config() -> config_dict.ConfigDict:
   c.model.remat = False  # recompute blocks in the backward pass
   c.model.hf_config = {}  # a config.json as a dict: random init, no checkpoint
   # Matmul of quantized layers: "auto" (the fused Pallas kernel on one GPU
-  # or TPU, XLA otherwise), "xla" or "pallas".
+  # or TPU, the fused C++ kernel for decoding on one CPU, XLA otherwise),
+  # "xla", "pallas" or "cpu".
   c.model.matmul_kernel = "auto"
   c.model.adapter = ""  # a PEFT LoRA adapter folder to start from
 

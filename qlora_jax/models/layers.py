@@ -33,7 +33,7 @@ class Options:
       checkpointing).
     scan_layers: apply the blocks with `nn.scan` over stacked variables
       (a leading layer axis) so a deep model compiles one block.
-    matmul_kernel: "auto", "xla" or "pallas": the matmul of quantized
+    matmul_kernel: "auto", "xla", "pallas" or "cpu": the matmul of quantized
       linear layers (see `qlora_jax.nn.matmul.resolve_kernel`).
   """
 

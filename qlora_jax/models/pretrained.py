@@ -89,7 +89,7 @@ class ModelOptions:
     place: `place(path, leaf) -> leaf`, called once per variable as soon
       as it is complete (path "base/model/embed_tokens/embedding"), e.g.
       to put it on a device mesh; default: the default device.
-    matmul_kernel: "auto", "xla" or "pallas", the matmul of quantized
+    matmul_kernel: "auto", "xla", "pallas" or "cpu", the matmul of quantized
       linear layers (`Options.matmul_kernel`).
   """
 

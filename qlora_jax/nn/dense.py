@@ -58,7 +58,7 @@ class QLoRADense(nn.Module):
       quantized).
     weight_init: initializer of the base weight, called with shape [out, in]
       (only used when the model is initialised randomly).
-    matmul_kernel: "auto", "xla" or "pallas", for a quantized base (see
+    matmul_kernel: "auto", "xla", "pallas" or "cpu", for a quantized base (see
       `qlora_jax.nn.matmul.resolve_kernel`).
   """
 

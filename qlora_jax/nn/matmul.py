@@ -16,8 +16,11 @@ interleaving.
 
 `kernel` picks the implementation of a quantized matmul: "xla" (the above,
 the reference), "pallas" (the fused 4-bit kernel of `pallas_matmul`, in
-interpret mode on the CPU) or "auto" (Pallas on a single GPU or TPU for the
-layouts it reads, XLA otherwise).
+interpret mode on the CPU), "cpu" (the fused 4-bit C++ kernel of
+`cpu_matmul`, for matmuls over at most `cpu_matmul.MAX_TOKENS` tokens that
+are not differentiated, XLA for the rest) or "auto" (Pallas on a single GPU
+or TPU, the C++ kernel on a single CPU device when it builds, for the
+layouts they read; XLA otherwise).
 """
 
 import dataclasses
@@ -29,13 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax import quant
-from qlora_jax.nn import pallas_matmul
+from qlora_jax.nn import cpu_matmul, pallas_matmul
 from qlora_jax.quant.blockwise import select_values
 from qlora_jax.quant.codebooks import get_data_type
 
 # Elements of W dequantized per loop iteration (4 MiB of float32).
 CHUNK_ELEMENTS = 1 << 20
-KERNELS = ("auto", "xla", "pallas")
+KERNELS = ("auto", "xla", "pallas", "cpu")
 # Matmuls over at most this many tokens, not differentiated (decoding),
 # read the code table by selects.
 SELECT_MAX_TOKENS = 16
@@ -193,16 +196,26 @@ def _after(x: jnp.ndarray, qt: quant.QuantizedTensor):
 
 
 def resolve_kernel(kernel: str, qt: quant.QuantizedTensor) -> str:
-  """ "xla" or "pallas" for a requested `kernel` and the weight's layout.
+  """ "xla", "pallas" or "cpu" for a requested `kernel` and the weight's
+  layout.
 
   Raises:
-    ValueError: an unknown kernel, or "pallas" for a layout the kernel
-      cannot read (say, 3-bit codes); "auto" falls back to XLA for those.
+    ValueError: an unknown kernel, or "pallas" / "cpu" for a layout the
+      kernel cannot read (say, 3-bit codes), or "cpu" where the C++ kernel
+      does not build; "auto" falls back to XLA for those.
   """
   if kernel not in KERNELS:
     raise ValueError(f"matmul kernel {kernel!r}: expected one of {KERNELS}")
   if kernel == "xla":
     return "xla"
+  if kernel == "cpu":
+    reason = cpu_matmul.unsupported_reason(qt) or cpu_matmul.unavailable()
+    if reason is not None:
+      raise ValueError(
+        f"matmul kernel 'cpu' cannot run for this weight: {reason} (use "
+        "'auto' to fall back to XLA)"
+      )
+    return "cpu"
   reason = pallas_matmul.unsupported_reason(qt)
   if kernel == "pallas":
     if reason is not None:
@@ -211,18 +224,24 @@ def resolve_kernel(kernel: str, qt: quant.QuantizedTensor) -> str:
         "'auto' to fall back to XLA for such weights)"
       )
     return "pallas"
-  # One device: the kernel is not partitioned over a mesh (no shard_map).
+  # One device: the kernels are not partitioned over a mesh (no shard_map).
   if pallas_matmul.lowering_target() is not None:  # lowering for a device
     return "pallas" if reason is None else "xla"
-  on_accelerator = jax.default_backend() in ("gpu", "tpu")
-  if on_accelerator and jax.device_count() == 1 and reason is None:
-    return "pallas"
+  if jax.device_count() != 1:
+    return "xla"
+  backend = jax.default_backend()
+  if backend in ("gpu", "tpu"):
+    return "pallas" if reason is None else "xla"
+  if backend == "cpu" and cpu_matmul.unsupported_reason(qt) is None:
+    return "cpu" if cpu_matmul.unavailable() is None else "xla"
   return "xla"
 
 
 def _forward(x, qt: quant.QuantizedTensor, dtype, kernel: str, select: bool):
   if kernel == "pallas":
     return pallas_matmul.matmul(x, qt, dtype)
+  if kernel == "cpu" and select:
+    return cpu_matmul.matmul(x, qt, dtype)
   x, qt = _after(x, qt)
   rows = chunk_rows(qt)
   if rows is None:
@@ -235,12 +254,15 @@ def quantized_matmul(
   x: jnp.ndarray, qt: quant.QuantizedTensor, dtype, kernel: str = "xla"
 ):
   """x [..., in] @ dequantize(qt).T -> [..., out]; x is already in `dtype`;
-  `kernel` is "xla" or "pallas" (see `resolve_kernel`).
+  `kernel` is "xla", "pallas" or "cpu" (see `resolve_kernel`).
 
-  Not differentiated (inference) over at most SELECT_MAX_TOKENS tokens,
-  the code table is read by selects (see `_planes`)."""
-  select = math.prod(x.shape[:-1]) <= SELECT_MAX_TOKENS
-  return _forward(x, qt, dtype, kernel, select)
+  Not differentiated (inference) over few tokens: the "cpu" kernel runs
+  (at most cpu_matmul.MAX_TOKENS tokens), and on the XLA path the code
+  table is read by selects (at most SELECT_MAX_TOKENS; see `_planes`)."""
+  tokens = math.prod(x.shape[:-1])
+  if kernel == "cpu":
+    return _forward(x, qt, dtype, kernel, tokens <= cpu_matmul.MAX_TOKENS)
+  return _forward(x, qt, dtype, kernel, tokens <= SELECT_MAX_TOKENS)
 
 
 def _fwd(x, qt, dtype, kernel):
@@ -333,8 +355,8 @@ def frozen_matmul(
   x: jnp.ndarray, weight, dtype, kernel: str = "auto"
 ) -> jnp.ndarray:
   """x [..., in] @ W.T for W [out, in]: a QuantizedTensor or a float array;
-  `kernel` ("auto", "xla", "pallas") applies to a QuantizedTensor. A float
-  W narrower than `dtype` is upcast in chunks (`upcast_matmul`)."""
+  `kernel` ("auto", "xla", "pallas", "cpu") applies to a QuantizedTensor.
+  A float W narrower than `dtype` is upcast in chunks (`upcast_matmul`)."""
   if isinstance(weight, quant.QuantizedTensor):
     kernel = resolve_kernel(kernel, weight)
     return quantized_matmul(x.astype(dtype), weight, jnp.dtype(dtype), kernel)

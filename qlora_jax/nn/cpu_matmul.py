@@ -1,0 +1,209 @@
+"""A fused 4-bit `x @ W.T` for the CPU: a C++ kernel called through XLA's FFI.
+
+XLA:CPU writes a dequantized weight to memory before its dot, so a 4-bit
+matmul over a few tokens (decoding) reads the weight as floats anyway and
+costs more than a float one. This kernel (`cpu_kernel/matmul4.cc`) decodes
+the packed codes in registers, one block's 16 scaled table values at a time,
+and multiplies as it goes: it reads 4.5 bits per weight and never writes W.
+
+W [out, in] is a QuantizedTensor with a 16-entry table (nf4, fp4, int4, or
+GGML Q4_1's int4_asym with its per-block minimum), rows made of whole blocks
+of a multiple of 32 elements; the block scales (double-quantized or not)
+are reconstructed by XLA before the call ([out, in / block], float32). Each
+weight the kernel multiplies is bit-identical to the XLA path's
+dequantized float32 weight; the products are summed in float32 in another
+order (the results agree to float32 rounding).
+
+The kernel is built on first use with the machine's C++ compiler (g++ or
+$CXX) for its own CPU (`-march=native`: AVX-512, else AVX2, else plain
+C++), against the FFI headers that jaxlib ships, and cached in
+$QLORA_JAX_CACHE/kernels (default ~/.cache/qlora_jax/kernels) under a hash
+of its source, flags and jaxlib version. Without a compiler `unavailable()`
+says why, and the "auto" kernel stays with XLA.
+
+It is a forward kernel only: `nn.matmul` uses it for matmuls over at most
+`MAX_TOKENS` tokens that are not differentiated (decoding and short
+prompts); training and long prompts keep the XLA path.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from qlora_jax import quant
+from qlora_jax.quant.codebooks import get_data_type
+
+SOURCE = pathlib.Path(__file__).parent / "cpu_kernel" / "matmul4.cc"
+# Instruction sets a build can target: "native" (this CPU's best), and two
+# fixed ones for checking the other code paths on an AVX-512 machine.
+ISAS = {
+  "native": ["-march=native"],
+  "avx2": ["-march=x86-64-v3"],
+  "generic": ["-march=x86-64"],
+}
+# Matmuls over more tokens than this use XLA's dequantize-then-dot, whose
+# dot kernel is faster once the weight is reused across many rows.
+MAX_TOKENS = 32
+STEP = 32  # columns the kernel decodes per step
+
+
+def cache_dir() -> pathlib.Path:
+  root = os.environ.get("QLORA_JAX_CACHE") or (
+    pathlib.Path.home() / ".cache/qlora_jax"
+  )
+  return pathlib.Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _flags(isa: str) -> list[str]:
+  return [
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    # The XLA path rounds table * scale and + minimum separately: no FMA
+    # contraction of those, so the kernel's weights are the same floats.
+    "-ffp-contract=off",
+    *ISAS[isa],
+    f"-I{jax.ffi.include_dir()}",
+  ]
+
+
+class BuildError(RuntimeError):
+  """The kernel could not be compiled (no compiler, or it failed)."""
+
+
+@functools.cache
+def build(isa: str = "native") -> pathlib.Path:
+  """The shared library of the kernel for `isa`, compiled if not cached.
+
+  Raises:
+    BuildError: no C++ compiler, or the compile failed (its output).
+  """
+  if isa not in ISAS:
+    raise ValueError(f"isa {isa!r}: expected one of {sorted(ISAS)}")
+  cxx = _compiler()
+  if cxx is None:
+    raise BuildError("no C++ compiler (g++ or $CXX) on PATH")
+  flags = _flags(isa)
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), cxx, *flags, jaxlib.__version__):
+    key.update(part if isinstance(part, bytes) else part.encode())
+  lib = cache_dir() / f"matmul4_{isa}_{key.hexdigest()[:16]}.so"
+  if lib.exists():
+    return lib
+  lib.parent.mkdir(parents=True, exist_ok=True)
+  # Compile to a private name, then rename: processes building at once
+  # (test workers) never load a half-written file.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+  os.close(fd)
+  try:
+    proc = subprocess.run(
+      [cxx, *flags, str(SOURCE), "-o", tmp],
+      capture_output=True,
+      text=True,
+      check=False,
+    )
+    if proc.returncode != 0:
+      raise BuildError(
+        f"compiling {SOURCE.name} with {cxx} failed:\n{proc.stderr[-2000:]}"
+      )
+    os.replace(tmp, lib)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return lib
+
+
+@functools.cache
+def target(isa: str = "native") -> str:
+  """The FFI target name of the kernel built for `isa`, registered with
+  XLA's CPU platform (built first if needed)."""
+  lib = ctypes.cdll.LoadLibrary(str(build(isa)))
+  name = f"qlora_matmul4_{isa}"
+  jax.ffi.register_ffi_target(
+    name, jax.ffi.pycapsule(lib.QloraMatmul4), platform="cpu"
+  )
+  return name
+
+
+@functools.cache
+def isa_of(isa: str = "native") -> str:
+  """The instruction set the build for `isa` uses: avx512, avx2, generic."""
+  lib = ctypes.cdll.LoadLibrary(str(build(isa)))
+  lib.qlora_matmul4_isa.restype = ctypes.c_char_p
+  return lib.qlora_matmul4_isa().decode()
+
+
+@functools.cache
+def unavailable() -> str | None:
+  """Why the kernel cannot run in this process, or None if it can."""
+  try:
+    target()
+  except (BuildError, OSError) as e:
+    return str(e)
+  return None
+
+
+def unsupported_reason(qt: quant.QuantizedTensor) -> str | None:
+  """Why the kernel cannot read `qt`'s layout, or None if it can."""
+  if qt.ndim != 2:
+    return f"the weight has shape {qt.shape}, not [out, in]"
+  dt = get_data_type(qt.data_type)
+  if dt.bits != 4:
+    return f"data type {qt.data_type!r} has {dt.bits}-bit codes, not 4-bit"
+  bs = qt.block_size
+  if qt.shape[1] % bs:
+    return f"blocks of {bs} cross rows of {qt.shape[1]} elements"
+  if bs % STEP:
+    return f"block_size {bs} is not a multiple of {STEP}"
+  return None
+
+
+def _table(data_type: str) -> np.ndarray:
+  values = np.asarray(get_data_type(data_type).values, np.float32)
+  return np.pad(values, (0, 16 - values.size))
+
+
+def matmul(
+  x: jnp.ndarray, qt: quant.QuantizedTensor, dtype, isa: str = "native"
+) -> jnp.ndarray:
+  """x [..., in] @ dequantize(qt).T -> [..., out] in `dtype`, by the kernel
+  (x is read in float32 and the products are summed in float32)."""
+  out_f, in_f = qt.shape
+  x2 = x.reshape(-1, in_f).astype(jnp.float32)
+  codes = qt.codes.reshape(out_f, in_f // 2)
+  nb = in_f // qt.block_size
+  scale = quant.block_absmax(qt).astype(jnp.float32).reshape(out_f, nb)
+  has_min = qt.minimum is not None
+  if has_min:
+    minimum = qt.minimum.astype(jnp.float32).reshape(out_f, nb)
+  else:
+    minimum = jnp.zeros((1,), jnp.float32).reshape(1, 1)
+  call = jax.ffi.ffi_call(
+    target(isa),
+    jax.ShapeDtypeStruct((x2.shape[0], out_f), jnp.float32),
+    vmap_method="sequential",
+  )
+  y = call(
+    x2,
+    codes,
+    scale,
+    minimum,
+    jnp.asarray(_table(qt.data_type)),
+    has_minimum=np.int64(has_min),
+  )
+  return y.reshape(*x.shape[:-1], out_f).astype(dtype)
