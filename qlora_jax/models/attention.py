@@ -72,6 +72,7 @@ def attend(
   v: jnp.ndarray,
   mask: jnp.ndarray,
   dropout=None,
+  kv_heads_first: bool = False,
 ) -> jnp.ndarray:
   """Softmax attention with grouped key/value heads.
 
@@ -82,20 +83,23 @@ def attend(
     v: [B, Lk, Hkv, D] values.
     mask: bool [B, Lq, Lk].
     dropout: optional callable applied to the attention probabilities.
+    kv_heads_first: k and v come as [B, Hkv, Lk, D] (the KV cache's
+      layout) instead.
 
   Returns:
     [B, Lq, H * D] in q's dtype. Scores and softmax are float32.
   """
   b, lq, h, d = q.shape
-  lk, hkv = k.shape[1], k.shape[2]
+  if not kv_heads_first:
+    k = k.transpose(0, 2, 1, 3)  # [b, hkv, lk, d]
+    v = v.transpose(0, 2, 1, 3)
+  hkv, lk = k.shape[1], k.shape[2]
   g = h // hkv
   # Batch axes (b, kv head) first in every operand: XLA's CPU dot runs such
   # batched matmuls (and their transposes in the backward pass) several
   # times faster than with the head axis in the middle.
   q = q.reshape(b, lq, hkv, g, d).transpose(0, 2, 3, 1, 4)
   q = q.reshape(b, hkv, g * lq, d)
-  k = k.transpose(0, 2, 1, 3)  # [b, hkv, lk, d]
-  v = v.transpose(0, 2, 1, 3)
   scores = jnp.einsum(
     "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
   )
@@ -118,8 +122,10 @@ class KVCache:
   """Keys and values of every layer for incremental decoding.
 
   Attributes:
-    key: [layers, B, S, Hkv, D] rotated keys.
-    value: [layers, B, S, Hkv, D].
+    key: [layers, B, Hkv, S, D] rotated keys: heads before positions, the
+      layout attention reads, so that a decoding step never transposes
+      the whole cache.
+    value: [layers, B, Hkv, S, D].
     segment_ids: int32 [B, S] of the cached tokens (0 = padding or empty).
     index: int32 scalar, the slot the next token is written to.
   """
@@ -131,7 +137,7 @@ class KVCache:
 
   @classmethod
   def zeros(cls, layers, batch, length, kv_heads, head_dim, dtype):
-    shape = (layers, batch, length, kv_heads, head_dim)
+    shape = (layers, batch, kv_heads, length, head_dim)
     return cls(
       jnp.zeros(shape, dtype),
       jnp.zeros(shape, dtype),
@@ -141,9 +147,11 @@ class KVCache:
 
 
 def write_kv(cache_kv, k, v, index):
-  """One layer's cache (keys, values) [B, S, Hkv, D] with k, v at `index`."""
+  """One layer's cache (keys, values) [B, Hkv, S, D] with k, v [B, L, Hkv,
+  D] written at positions `index`...`index + L`."""
   ck, cv = cache_kv
-  at = (0, index, 0, 0)
+  at = (0, 0, index, 0)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at)
   cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at)
   return ck, cv

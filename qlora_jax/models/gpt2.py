@@ -51,7 +51,7 @@ class GPT2Attention(nn.Module):
       kv = write_kv(kv, k, v, index)
       k, v = kv
     drop = None if det else _dropout(c.attention_dropout, det)
-    out = attend(q, k, v, mask, drop)
+    out = attend(q, k, v, mask, drop, kv_heads_first=kv is not None)
     out = dense(self.opts, c.hidden_size, True, "c_proj")(out, det)
     return _dropout(c.resid_dropout, det)(out), kv
 

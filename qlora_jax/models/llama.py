@@ -58,7 +58,7 @@ class LlamaAttention(nn.Module):
     drop = None
     if c.attention_dropout > 0 and not det:
       drop = qnn.Dropout(c.attention_dropout, deterministic=False)
-    out = attend(q, k, v, mask, drop)
+    out = attend(q, k, v, mask, drop, kv_heads_first=kv is not None)
     return dense(self.opts, c.hidden_size, c.o_bias, "o_proj")(out, det), kv
 
 
