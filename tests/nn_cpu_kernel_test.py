@@ -4,7 +4,7 @@ of its instruction-set paths, against the XLA path (dequantize, then dot).
 Tolerances: the kernel multiplies by the very float32 weights the XLA path
 materializes (same table, same two roundings) and sums the products in
 float32 in another order, so the outputs agree to float32 rounding of the
-sums: 1e-5 relative to the largest output (sums of at most 256 products).
+sums: 1e-5 relative to the largest output (sums of at most 512 products).
 A float64 product of the same weights bounds both.
 """
 
@@ -22,12 +22,14 @@ pytestmark = pytest.mark.skipif(
   reason=f"the C++ kernel does not build here: {cpu_matmul.unavailable()}",
 )
 
-# (data type, block size, double quant): every 16-entry table, one with a
-# per-block minimum (GGML Q4_1), with and without DQ.
+# (data type, block size, double quant, columns): every 16-entry table,
+# with and without DQ, blocks of 32, 64 and 128 (several steps of 32
+# columns per block, rows of an odd number of blocks).
 LAYOUTS = [
-  ("nf4", 64, True),
-  ("fp4", 32, False),
-  ("int4", 32, True),
+  ("nf4", 64, True, 320),
+  ("nf4", 128, False, 256),
+  ("fp4", 32, False, 256),
+  ("int4", 32, True, 96),
 ]
 
 
@@ -50,12 +52,12 @@ def isa(request):
   return request.param
 
 
-@pytest.mark.parametrize("data_type,bs,dq", LAYOUTS)
-def test_kernel_matches_the_dequantized_weight(isa, data_type, bs, dq):
+@pytest.mark.parametrize("data_type,bs,dq,k", LAYOUTS)
+def test_kernel_matches_the_dequantized_weight(isa, data_type, bs, dq, k):
   """Rows of x 1..9 (every tile width and its tails), 13 rows of W (tiles
   of 4 and 2 and a remainder): each isa's build against x @ W.T with W the
   XLA path's float32 dequantization, and against float64."""
-  qt = _weight(data_type, bs, dq)
+  qt = _weight(data_type, bs, dq, k=k)
   w = quant.dequantize(qt, jnp.float32)
   for m in (1, 2, 3, 5, 9):
     x = jax.random.normal(jax.random.key(m), (m, qt.shape[1]), jnp.float32)
@@ -67,14 +69,16 @@ def test_kernel_matches_the_dequantized_weight(isa, data_type, bs, dq):
 
 
 def test_kernel_reads_a_per_block_minimum(isa):
-  """GGML Q4_1's layout (int4_asym): d * q + m per block, m read too."""
-  qt = _weight("int4_asym", 32, False, n=6, k=128, seed=3)
-  assert qt.minimum is not None
-  w = quant.dequantize(qt, jnp.float32)
-  x = jax.random.normal(jax.random.key(4), (4, 128), jnp.float32)
-  y = cpu_matmul.matmul(x, qt, jnp.float32, isa=isa)
-  ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
-  assert _rel_err(y, ref) < 1e-5
+  """GGML Q4_1's layout (int4_asym): d * q + m per block, m read too
+  (blocks of 32 and of 64)."""
+  for bs, k in ((32, 128), (64, 192)):
+    qt = _weight("int4_asym", bs, False, n=6, k=k, seed=3)
+    assert qt.minimum is not None
+    w = quant.dequantize(qt, jnp.float32)
+    x = jax.random.normal(jax.random.key(4), (4, k), jnp.float32)
+    y = cpu_matmul.matmul(x, qt, jnp.float32, isa=isa)
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    assert _rel_err(y, ref) < 1e-5, bs
 
 
 def test_large_call_shared_over_threads_equals_one_thread():
