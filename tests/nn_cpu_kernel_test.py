@@ -68,6 +68,22 @@ def test_kernel_matches_the_dequantized_weight(isa, data_type, bs, dq, k):
     assert _rel_err(y, jnp.dot(x, w.T, precision="highest")) < 1e-5
 
 
+@pytest.mark.parametrize(
+  "data_type,bs,dq,k", [*LAYOUTS, ("int4_asym", 64, False, 192)]
+)
+def test_each_weight_is_the_xla_paths_float_exactly(isa, data_type, bs, dq, k):
+  """x = one-hot rows: every output is one weight times 1 plus zeros, so
+  the kernel's column j of W equals the XLA path's dequantized float32
+  column bit for bit (no tolerance): the same table, scale and roundings."""
+  qt = _weight(data_type, bs, dq, k=k, seed=11)
+  w = np.asarray(quant.dequantize(qt, jnp.float32))
+  cols = np.arange(0, k, 7)
+  x = np.zeros((cols.size, k), np.float32)
+  x[np.arange(cols.size), cols] = 1.0
+  y = np.asarray(cpu_matmul.matmul(jnp.asarray(x), qt, jnp.float32, isa=isa))
+  np.testing.assert_array_equal(y, w[:, cols].T)
+
+
 def test_kernel_reads_a_per_block_minimum(isa):
   """GGML Q4_1's layout (int4_asym): d * q + m per block, m read too
   (blocks of 32 and of 64)."""
