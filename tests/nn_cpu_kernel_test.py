@@ -192,3 +192,26 @@ def test_generation_with_the_kernel_equals_the_xla_path():
     logits[kernel] = lm.model.apply(lm.variables, prompt)
   np.testing.assert_array_equal(outs["cpu"], outs["xla"])
   assert _rel_err(logits["cpu"], logits["xla"]) < 1e-4
+
+
+def test_a_missing_or_failing_compiler_is_a_build_error(tmp_path, monkeypatch):
+  """build() (uncached) with $CXX naming no program, or a compiler that
+  fails: BuildError naming it, nothing left in the kernel cache."""
+  monkeypatch.setenv("QLORA_JAX_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+  with pytest.raises(cpu_matmul.BuildError, match="no-such-c"):
+    cpu_matmul.build.__wrapped__("native")
+  monkeypatch.setenv("CXX", "false")  # runs and exits 1
+  with pytest.raises(cpu_matmul.BuildError, match="with false failed"):
+    cpu_matmul.build.__wrapped__("generic")
+  assert list((tmp_path / "kernels").iterdir()) == []
+
+
+def test_without_the_kernel_auto_stays_with_xla(monkeypatch):
+  """Where the kernel cannot be built, "auto" picks XLA and an explicit
+  "cpu" is an error carrying the reason."""
+  monkeypatch.setattr(cpu_matmul, "unavailable", lambda: "no compiler here")
+  qt = _weight("nf4", 64, True)
+  assert qnn.resolve_kernel("auto", qt) == "xla"
+  with pytest.raises(ValueError, match="no compiler here"):
+    qnn.resolve_kernel("cpu", qt)

@@ -111,12 +111,15 @@ def build(isa: str = "native") -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
   os.close(fd)
   try:
-    proc = subprocess.run(
-      [cxx, *flags, str(SOURCE), "-o", tmp],
-      capture_output=True,
-      text=True,
-      check=False,
-    )
+    try:
+      proc = subprocess.run(
+        [cxx, *flags, str(SOURCE), "-o", tmp],
+        capture_output=True,
+        text=True,
+        check=False,
+      )
+    except OSError as e:  # $CXX names no program, or not an executable
+      raise BuildError(f"running the C++ compiler {cxx!r} failed: {e}") from e
     if proc.returncode != 0:
       raise BuildError(
         f"compiling {SOURCE.name} with {cxx} failed:\n{proc.stderr[-2000:]}"
