@@ -8,6 +8,8 @@ sums: 1e-5 relative to the largest output (sums of at most 512 products).
 A float64 product of the same weights bounds both.
 """
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +51,21 @@ def isa(request):
     cpu_matmul.build(request.param)
   except cpu_matmul.BuildError as e:  # an old compiler without -march=x86-64-v3
     pytest.skip(f"isa {request.param}: {e}")
+  # Each build takes its own code path; native, this CPU's best.
+  expected = {"avx2": "avx2", "generic": "generic", "native": _best_isa()}
+  assert cpu_matmul.isa_of(request.param) == expected[request.param]
   return request.param
+
+
+def _best_isa() -> str:
+  """The widest path this CPU runs, from the kernel's /proc/cpuinfo flags."""
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  if not cpuinfo.exists():
+    pytest.skip("no /proc/cpuinfo to read the CPU's instruction sets from")
+  flags = set(cpuinfo.read_text().split())
+  if "avx512f" in flags:
+    return "avx512"
+  return "avx2" if {"avx2", "fma"} <= flags else "generic"
 
 
 @pytest.mark.parametrize("data_type,bs,dq,k", LAYOUTS)
@@ -172,9 +188,7 @@ def test_generation_with_the_kernel_equals_the_xla_path():
   """A quantized Llama (GQA) decodes the same greedy tokens with the C++
   kernel as with the XLA path, and its prompt logits agree to float32
   tolerance (1e-4 relative over two layers)."""
-  from pathlib import Path  # noqa: PLC0415
-
-  folder = Path(__file__).parent / "data" / "hf" / "llama_gqa"
+  folder = pathlib.Path(__file__).parent / "data" / "hf" / "llama_gqa"
   ref = np.load(folder / "reference.npz")
   prompt = ref["prompt_ids"]
   outs, logits = {}, {}

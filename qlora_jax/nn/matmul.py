@@ -240,8 +240,6 @@ def resolve_kernel(kernel: str, qt: quant.QuantizedTensor) -> str:
 def _forward(x, qt: quant.QuantizedTensor, dtype, kernel: str, select: bool):
   if kernel == "pallas":
     return pallas_matmul.matmul(x, qt, dtype)
-  if kernel == "cpu" and select:
-    return cpu_matmul.matmul(x, qt, dtype)
   x, qt = _after(x, qt)
   rows = chunk_rows(qt)
   if rows is None:
@@ -260,8 +258,9 @@ def quantized_matmul(
   (at most cpu_matmul.MAX_TOKENS tokens), and on the XLA path the code
   table is read by selects (at most SELECT_MAX_TOKENS; see `_planes`)."""
   tokens = math.prod(x.shape[:-1])
-  if kernel == "cpu":
-    return _forward(x, qt, dtype, kernel, tokens <= cpu_matmul.MAX_TOKENS)
+  if kernel == "cpu" and tokens <= cpu_matmul.MAX_TOKENS:
+    return cpu_matmul.matmul(x, qt, dtype)
+  # Beyond that, and in training (_fwd, _bwd), "cpu" is the XLA path.
   return _forward(x, qt, dtype, kernel, tokens <= SELECT_MAX_TOKENS)
 
 
