@@ -10,8 +10,9 @@ standard-library package is this docstring from? Answer with one word:
 ..." (8 packages; 128 training and 40 held-out questions), answered by
 greedy generation; the loss covers the assistant's answer only. Accuracy is
 measured by generating before training (zero-shot) and after each of the 2
-epochs. On 2 CPU cores: about 7 minutes; the answer accuracy goes from 0
-to about a half (the README has the run).
+epochs. On 2 CPU cores (AMD EPYC, 2026-12-03, the model already cached):
+2 min 41 s wall; answer accuracy 0.000 zero-shot -> 0.400 after epoch 1
+-> 0.650 after epoch 2 (results/main_job/).
 """
 
 from configs import minilm_docstrings

@@ -1,7 +1,7 @@
 """QLoRA on the Llama-2 7B shape: the memory model's and bench_scale's run.
 
 python -m experiments.memory --config configs/llama7b_qlora.py --lower cuda,tpu
-python -m experiments.memory --config configs/llama7b_qlora.py \
+python -m experiments.memory --config configs/llama7b_qlora.py --platform tpu \
   --devices 8 --device_memory 16GiB --config.mesh.fsdp=8 --config.train.batch_size=8
 
 The shape of Llama-2 7B (hidden 4096, 32 layers, 32 heads, MLP 11008,

@@ -6,9 +6,10 @@ python -m experiments.tables --sweep results/table2
 Full fine-tuning, LoRA over an f32 and a bf16 base, and QLoRA with Int8,
 FP4, NF4 and NF4 + double quantization bases, on the main job's task (the
 real MiniLM-L6 classifying stdlib docstrings into 8 packages), 3 seeds
-each: accuracy mean +- std, trainable parameters, compiled memory of the
-train step and its median time. Sized for 2 CPU cores: 3 epochs of 1,360
-examples at 64 tokens, 21 runs, about 1.5 hours. On a GPU/TPU add
+each: accuracy (mean and 95% interval), trainable parameters, compiled
+memory of the train step and its median time. Sized for 2 CPU cores: 3
+epochs of 1,360 examples at 64 tokens, 21 runs, about 1.5 hours. On a
+GPU/TPU add
 --config.model.dtype=bfloat16 and point model.checkpoint / data.* at a real
 model and task (see the README).
 """
