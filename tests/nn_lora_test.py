@@ -94,13 +94,21 @@ def test_loftq_needs_a_quantized_base_and_rank_is_checked():
     )
 
 
-def test_bad_specs_raise():
-  with pytest.raises(ValueError, match="unknown lora init 'svd'"):
-    qnn.LoraSpec(init="svd")
-  with pytest.raises(ValueError, match="rank must be a positive int"):
-    qnn.LoraSpec(rank=0)
-  with pytest.raises(ValueError, match="dropout"):
-    qnn.LoraSpec(dropout=1.5)
+@pytest.mark.parametrize(
+  "kwargs,field,match",
+  [
+    (dict(init="svd"), "init", "unknown lora init 'svd'"),
+    (dict(rank=0), "rank", "must be >= 1, got 0"),
+    (dict(rank=4.0), "rank", "expected a whole number, got 4.0"),
+    (dict(dropout=1.5), "dropout", r"in \[0, 1\), got 1.5"),
+    (dict(loftq_iters=0), "loftq_iters", ">= 1, got 0"),
+    (dict(qa=True, dora=True), "qa", "no dora"),
+  ],
+)
+def test_bad_specs_raise_naming_the_field(kwargs, field, match):
+  with pytest.raises(quant.SpecError, match=f"^{field}: .*{match}") as e:
+    qnn.LoraSpec(**kwargs)
+  assert e.value.field == field
 
 
 def test_bf16_base_is_quantized_from_bf16():

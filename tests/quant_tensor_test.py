@@ -155,8 +155,8 @@ def test_round_trip_dtype_shape_and_error_bound(data_type, dtype, double_quant):
   [
     (dict(data_type="nf7"), "unknown data type 'nf7'"),
     (dict(data_type="float4"), "unknown data type"),
-    (dict(block_size=0), "block_size must be a positive multiple of 2.*got 0"),
-    (dict(block_size=63), "block_size .* got 63"),
+    (dict(block_size=0), "block_size: must be a positive multiple of 2.*got 0"),
+    (dict(block_size=63), "block_size: .* got 63"),
     (dict(block_size=8192), "up to 4096, got 8192"),
     (dict(block_size=64.0), "got 64.0"),
     (dict(block_size=True), "got True"),

@@ -248,4 +248,4 @@ def test_recorded_paths_are_absolute(finished):
   ):
     assert pathlib.Path(value).is_absolute(), value
   s = Settings.from_config(recorded)
-  assert dataclasses.asdict(s) == recorded
+  assert s.to_dict() == recorded

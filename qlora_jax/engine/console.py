@@ -114,9 +114,9 @@ def base_record(s: Settings) -> dict:
 
 
 def _quant_text(s: Settings) -> str:
-  q = s.quant
-  if q.data_type == "none" or s.train.mode == "full":
+  if s.quant_plan() is None:
     return "float (no quantization)"
+  q = s.quant_plan().spec
   dq = " + double quant" if q.double_quant else ""
   return f"{q.data_type}, block {q.block_size}{dq}"
 

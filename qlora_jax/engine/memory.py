@@ -224,8 +224,8 @@ def predict(
 
   Args:
     config: a parsed model config (`models.read_config`, `from_dict`).
-    lora, quant_plan: the mappings `models.model_plan` takes (None: no
-      adapters / a float base).
+    lora, quant_plan: `nn.LoraTargets` / `nn.QuantTargets` (or mappings
+      they parse; None: no adapters / a float base).
     train_patterns: base variables that train too (".*" for full
       fine-tuning; then `lora` and `quant_plan` are None).
     batch, seq: the global batch and its sequence length.
@@ -247,8 +247,7 @@ def predict(
     raise ValueError(f"batch {batch} does not divide over {devices} devices")
   dtype, base_dtype = jnp.dtype(dtype), jnp.dtype(base_dtype)
   spec = models.ModelSpec(config, task, num_labels)
-  if quant_plan and str(quant_plan.get("data_type", "none")) == "none":
-    quant_plan = None  # a run's settings give {"data_type": "none", ...}
+  quant_plan = qnn.QuantTargets.parse(quant_plan)
   plan = models.model_plan(spec, lora, quant_plan, scan_layers)
   opts = models.Options(
     plan, dtype, base_dtype, remat, scan_layers, embed_dtype=embed_dtype

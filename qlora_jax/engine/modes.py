@@ -9,6 +9,8 @@ what it varies beyond the mode (a learning rate, a compute dtype).
 from collections.abc import Mapping
 from typing import Any
 
+from qlora_jax import nn as qnn
+
 MODES: dict[str, dict[str, Any]] = {
   "full": {
     "train.mode": "full",
@@ -35,14 +37,14 @@ def plan_inputs(mode: str, rank: int) -> tuple:
   o = overrides(mode)
   lora = None
   if o.get("lora.enabled", True):
-    lora = {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0}
-  quant = None
-  if o["quant.data_type"] != "none":
-    quant = {
+    lora = qnn.LoraTargets(qnn.LoraSpec(rank=rank, alpha=2.0 * rank))
+  quant = qnn.QuantTargets.parse(
+    {
       "data_type": o["quant.data_type"],
       "block_size": 64,
       "double_quant": o.get("quant.double_quant", True),
     }
+  )
   base_dtype = o.get("model.base_dtype", "float32")
   patterns = [".*"] if o.get("train.mode") == "full" else []
   return lora, quant, base_dtype, patterns

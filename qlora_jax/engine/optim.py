@@ -1,11 +1,61 @@
 """The optimizer over the trainable tree: AdamW, schedules, clipping, LoRA+."""
 
+import dataclasses
 from typing import Any
 
 import jax
 import optax
 
-from qlora_jax.engine.settings import SCHEDULES, OptSettings
+from qlora_jax.quant import SpecError
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptSettings:
+  """The optimizer's settings (the config's `opt` section); the one owner
+  of their rules (`SpecError` names the field)."""
+
+  learning_rate: float
+  schedule: str
+  warmup_ratio: float
+  warmup_steps: int
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  max_grad_norm: float
+  lora_plus_ratio: float
+
+  def __post_init__(self):
+    if self.learning_rate <= 0:
+      raise SpecError("learning_rate", f"must be > 0, got {self.learning_rate}")
+    if self.schedule not in SCHEDULES:
+      raise SpecError(
+        "schedule",
+        f"unknown value {self.schedule!r}, expected one of {SCHEDULES}",
+      )
+    if not 0.0 <= self.warmup_ratio <= 1.0:
+      raise SpecError(
+        "warmup_ratio", f"must be in [0, 1], got {self.warmup_ratio}"
+      )
+    if self.warmup_steps < 0:
+      raise SpecError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+    if self.weight_decay < 0:
+      raise SpecError("weight_decay", f"must be >= 0, got {self.weight_decay}")
+    for field in ("b1", "b2"):
+      if not 0.0 <= getattr(self, field) < 1.0:
+        raise SpecError(field, f"must be in [0, 1), got {getattr(self, field)}")
+    if self.eps <= 0:
+      raise SpecError("eps", f"must be > 0, got {self.eps}")
+    if self.max_grad_norm < 0:
+      raise SpecError(
+        "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}"
+      )
+    if self.lora_plus_ratio <= 0:
+      raise SpecError(
+        "lora_plus_ratio", f"must be > 0, got {self.lora_plus_ratio}"
+      )
 
 
 def schedule(
@@ -14,11 +64,7 @@ def schedule(
   """Linear warmup to `learning_rate`, then constant / linear / cosine decay
   to zero at `total_steps`."""
   if name not in SCHEDULES:
-    raise ValueError(
-      f"opt.schedule: unknown schedule {name!r}, expected one of {SCHEDULES}"
-    )
-  if learning_rate <= 0:
-    raise ValueError(f"opt.learning_rate must be > 0, got {learning_rate}")
+    raise ValueError(f"unknown schedule {name!r}, expected one of {SCHEDULES}")
   warmup_steps = max(0, min(int(warmup_steps), total_steps))
   decay_steps = max(1, total_steps - warmup_steps)
   if name == "constant":
@@ -69,8 +115,6 @@ def make_optimizer(
     )
 
   ratio = opt.lora_plus_ratio
-  if ratio <= 0:
-    raise ValueError(f"opt.lora_plus_ratio must be > 0, got {ratio}")
   if ratio == 1.0:
     core = adamw(lr)
   else:
@@ -78,8 +122,6 @@ def make_optimizer(
       {"rest": adamw(lr), "lora_b": adamw(lambda s: ratio * lr(s))},
       _labels,
     )
-  if opt.max_grad_norm < 0:
-    raise ValueError(f"opt.max_grad_norm must be >= 0, got {opt.max_grad_norm}")
   if opt.max_grad_norm > 0:
     return optax.chain(optax.clip_by_global_norm(opt.max_grad_norm), core), lr
   return optax.chain(core), lr

@@ -1,13 +1,17 @@
 """A run's config, checked once and turned into typed settings.
 
 `Settings.from_config(config)` reads every field of an `ml_collections`
-config (configs/default.py has them all, with their defaults and a comment
+config (configs/base.py has them all, with their defaults and a comment
 each) in one pass: a missing or unknown field, a value of the wrong type
 (a fractional rank, a string where a number belongs) or out of range is an
 error naming the field ("quant.block_size"); all such errors of a config
-are reported together. Nothing below the engine's setup sees the
-ConfigDict: models, data, the optimizer, checkpoints and the console take
-these values.
+are reported together. Each rule has one owner: the objects the sections
+become check their own fields (`quant.QuantSpec`, `nn.LoraSpec`,
+`nn.LoraTargets`, `optim.OptSettings`, raising `quant.SpecError`), and
+this module prefixes the section; it checks only what no one object
+owns (fields of its own sections, rules across sections). Nothing below
+the engine's setup sees the ConfigDict: models, data, the optimizer,
+checkpoints and the console take these typed values.
 """
 
 import dataclasses
@@ -17,8 +21,10 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from qlora_jax import quant
+from qlora_jax import nn as qnn
+from qlora_jax.engine.optim import OptSettings
 from qlora_jax.nn import KERNELS
+from qlora_jax.quant import SpecError
 
 CLASSIFICATION = "classification"
 CAUSAL_LM = "causal_lm"
@@ -32,9 +38,7 @@ DATA_SOURCES = (
   "synthetic",
 )
 DTYPES = ("float32", "bfloat16", "float16")
-SCHEDULES = ("constant", "linear", "cosine")
 TEXT_SPLITS = ("paragraph", "line")
-LORA_INITS = ("kaiming", "gaussian", "pissa", "loftq")
 
 
 class ConfigError(ValueError):
@@ -63,9 +67,10 @@ class QuantSettings:
   targets: str | list
   exclude: str
 
-  def plan_mapping(self) -> dict:
-    """The mapping `qlora_jax.nn.make_plan` takes."""
-    return dataclasses.asdict(self)
+  def targets_spec(self) -> qnn.QuantTargets | None:
+    """The quantization these fields give; None for a float base (data
+    type "none"). Raises `SpecError` naming the field."""
+    return qnn.QuantTargets.parse(dataclasses.asdict(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +89,12 @@ class LoraSettings:
   dora: bool
   qa: bool
 
-  def plan_mapping(self) -> dict:
-    """The mapping `qlora_jax.nn.make_plan` takes (without `enabled`)."""
+  def targets_spec(self) -> qnn.LoraTargets:
+    """The adapters these fields give (whether or not `enabled`). Raises
+    `SpecError` naming the field."""
     out = dataclasses.asdict(self)
     del out["enabled"]
-    return out
+    return qnn.LoraTargets.parse(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,20 +112,6 @@ class DataSettings:
   max_new_tokens: int
   questions_per_class: int
   eval_questions_per_class: int
-
-
-@dataclasses.dataclass(frozen=True)
-class OptSettings:
-  learning_rate: float
-  schedule: str
-  warmup_ratio: float
-  warmup_steps: int
-  weight_decay: float
-  b1: float
-  b2: float
-  eps: float
-  max_grad_norm: float
-  lora_plus_ratio: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +170,9 @@ class Settings:
   train: TrainSettings
   mesh: MeshSettings
   distributed: DistributedSettings
+  # Built once from `lora` / `quant` (and `train.mode`) by `from_config`.
+  lora_targets: qnn.LoraTargets | None = None
+  quant_targets: qnn.QuantTargets | None = None
 
   @classmethod
   def from_config(cls, config: Any) -> "Settings":
@@ -200,25 +195,24 @@ class Settings:
       section = _read_section(name, kind, plain[name], errors)
       if section is not None:
         sections[name] = section
-    _check(sections, errors)
+    targets = _targets(sections, errors)
+    _check(sections, targets, errors)
     if not errors:
-      return cls(**sections)
+      return cls(**sections, **targets)
     raise ConfigError("bad config:\n  " + "\n  ".join(errors))
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    """The config's sections as plain values (what config.json holds)."""
+    return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
 
-  def lora_plan(self) -> dict | None:
-    """The adapters' `make_plan` mapping, or None for no adapters."""
-    if self.train.mode == "full" or not self.lora.enabled:
-      return None
-    return self.lora.plan_mapping()
+  def lora_plan(self) -> qnn.LoraTargets | None:
+    """The adapters, or None for none (train.mode "full" or lora.enabled
+    False)."""
+    return self.lora_targets
 
-  def quant_plan(self) -> dict | None:
-    """The quantization's `make_plan` mapping, or None for a float base."""
-    if self.train.mode == "full":
-      return None
-    return self.quant.plan_mapping()
+  def quant_plan(self) -> qnn.QuantTargets | None:
+    """The quantization of the frozen base, or None for a float base."""
+    return self.quant_targets
 
   def train_patterns(self) -> list[str]:
     """Regexes of base variables that train (every one in mode "full")."""
@@ -250,8 +244,46 @@ def recorded(config: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _check(sec: dict[str, Any], errors: list[str]) -> None:
-  """Range and consistency checks of the sections that parsed."""
+def _targets(sec: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+  """`lora_targets` and `quant_targets`, built once by their owners
+  (`nn.LoraTargets`, `nn.QuantTargets`) from the sections that parsed;
+  their `SpecError`s become errors naming "lora.<field>" / "quant.<field>"."""
+  out: dict[str, Any] = {"lora_targets": None, "quant_targets": None}
+  lo, q, t = sec.get("lora"), sec.get("quant"), sec.get("train")
+  full = t is not None and t.mode == "full"
+  lora = quant = None
+  if lo is not None:
+    try:
+      lora = lo.targets_spec()
+    except SpecError as e:
+      errors.append(f"lora.{e.field}: {e.reason}")
+  if q is not None:
+    try:
+      quant = q.targets_spec()
+    except SpecError as e:
+      errors.append(f"quant.{e.field}: {e.reason}")
+  if lora is not None and q is not None and lo.enabled and not full:
+    try:
+      qnn.check_pair(lora, quant)
+    except SpecError as e:
+      errors.append(f"lora.{e.field}: {e.reason}")
+  if full and quant is not None:
+    errors.append(
+      "quant.data_type: train.mode 'full' trains the base: set "
+      f"quant.data_type to {qnn.FLOAT!r}"
+    )
+  if lo is not None and lo.enabled and not full:
+    out["lora_targets"] = lora
+  if not full:
+    out["quant_targets"] = quant
+  return out
+
+
+def _check(
+  sec: dict[str, Any], targets: dict[str, Any], errors: list[str]
+) -> None:
+  """Range and consistency checks that no one typed object owns: fields
+  of this module's own sections and rules across sections."""
 
   def bad(field, message):
     errors.append(f"{field}: {message}")
@@ -264,9 +296,8 @@ def _check(sec: dict[str, Any], errors: list[str]) -> None:
     if value < low:
       bad(field, f"must be >= {low}, got {value}")
 
-  m, q, lo, d, o, t, mesh = (
-    sec.get(k)
-    for k in ("model", "quant", "lora", "data", "opt", "train", "mesh")
+  m, lo, d, t, mesh = (
+    sec.get(k) for k in ("model", "lora", "data", "train", "mesh")
   )
   if m:
     choice("model.task", m.task, RUN_TASKS)
@@ -282,41 +313,12 @@ def _check(sec: dict[str, Any], errors: list[str]) -> None:
       )
     if m.adapter and not m.checkpoint:
       bad("model.adapter", "needs model.checkpoint: the adapter's base")
-    if m.adapter and lo and t and (t.mode == "full" or not lo.enabled):
+    if m.adapter and lo and t and targets["lora_targets"] is None:
       bad(
         "model.adapter",
         "is set, but lora.enabled is False or train.mode is 'full': an "
         "adapter needs LoRA training",
       )
-  asym = False
-  if q:
-    if q.data_type != "none":
-      try:
-        asym = quant.get_data_type(q.data_type).asymmetric
-      except ValueError as e:
-        bad("quant.data_type", str(e))
-    at_least("quant.block_size", q.block_size, 1)
-    if asym and q.double_quant:
-      bad(
-        "quant.double_quant",
-        f"data type {q.data_type!r} stores a float16 scale and minimum per "
-        "block (GGML Q4_1's layout): set quant.double_quant to False",
-      )
-  if lo and lo.qa and lo.enabled and not asym:
-    bad(
-      "lora.qa",
-      "QA-LoRA folds its update into block minimums: it needs quant."
-      f"data_type 'int4_asym' (or another 'int<k>_asym'), got "
-      f"{q.data_type if q else None!r}",
-    )
-  if lo and lo.qa and (lo.dora or lo.init not in ("kaiming", "gaussian")):
-    bad("lora.qa", "takes lora.init 'kaiming' or 'gaussian' and no lora.dora")
-  if lo:
-    at_least("lora.rank", lo.rank, 1)
-    at_least("lora.loftq_iters", lo.loftq_iters, 1)
-    choice("lora.init", lo.init, LORA_INITS)
-    if not 0.0 <= lo.dropout < 1.0:
-      bad("lora.dropout", f"must be in [0, 1), got {lo.dropout}")
   if d:
     choice("data.source", d.source, DATA_SOURCES)
     choice("data.text_split", d.text_split, TEXT_SPLITS)
@@ -342,29 +344,8 @@ def _check(sec: dict[str, Any], errors: list[str]) -> None:
         bad("data.source", "'stdlib_questions' is a causal_lm task")
     at_least("data.questions_per_class", d.questions_per_class, 1)
     at_least("data.eval_questions_per_class", d.eval_questions_per_class, 1)
-  if o:
-    if o.learning_rate <= 0:
-      bad("opt.learning_rate", f"must be > 0, got {o.learning_rate}")
-    choice("opt.schedule", o.schedule, SCHEDULES)
-    if not 0.0 <= o.warmup_ratio <= 1.0:
-      bad("opt.warmup_ratio", f"must be in [0, 1], got {o.warmup_ratio}")
-    at_least("opt.warmup_steps", o.warmup_steps, 0)
-    at_least("opt.weight_decay", o.weight_decay, 0.0)
-    for field in ("b1", "b2"):
-      if not 0.0 <= getattr(o, field) < 1.0:
-        bad(f"opt.{field}", f"must be in [0, 1), got {getattr(o, field)}")
-    if o.eps <= 0:
-      bad("opt.eps", f"must be > 0, got {o.eps}")
-    at_least("opt.max_grad_norm", o.max_grad_norm, 0.0)
-    if o.lora_plus_ratio <= 0:
-      bad("opt.lora_plus_ratio", f"must be > 0, got {o.lora_plus_ratio}")
   if t:
     choice("train.mode", t.mode, TRAIN_MODES)
-    if t.mode == "full" and q and q.data_type != "none":
-      bad(
-        "quant.data_type",
-        "train.mode 'full' trains the base: set quant.data_type to 'none'",
-      )
     for pattern in t.train_modules:
       try:
         re.compile(pattern)
@@ -428,7 +409,11 @@ def _read_section(name: str, kind, values: Mapping, errors: list[str]):
       errors.append(str(e))
   if len(out) != len(fields):
     return None
-  return kind(**out)
+  try:
+    return kind(**out)
+  except SpecError as e:
+    errors.append(f"{name}.{e.field}: {e.reason}")
+    return None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

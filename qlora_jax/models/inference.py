@@ -7,17 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax import nn as qnn
 from qlora_jax.models.config import BertConfig, read_config
 from qlora_jax.models.pretrained import from_pretrained
-
-QUANT_NONE = "none"
 
 
 def checkpoint_outputs(
   checkpoint: str | pathlib.Path,
   input_ids: np.ndarray,
   *,
-  quant: str = QUANT_NONE,
+  quant: str = qnn.FLOAT,
   block_size: int = 64,
   double_quant: bool = False,
   dtype=jnp.float32,
@@ -27,7 +26,7 @@ def checkpoint_outputs(
   Decoders give logits [B, L, vocab] (every id is a token); BERT gives the
   last hidden state [B, L, hidden], with id 0 taken as padding. `quant`
   names a data type ("nf4", "int4", ...) to quantize every linear layer
-  but output heads, or "none".
+  but output heads, or "none" (`nn.FLOAT`).
   """
   ids = np.asarray(input_ids)
   if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
@@ -41,13 +40,9 @@ def checkpoint_outputs(
       f"input_ids must lie in [0, {config.vocab_size}): got "
       f"[{ids.min()}, {ids.max()}]"
     )
-  quant_cfg = None
-  if quant != QUANT_NONE:
-    quant_cfg = {
-      "data_type": quant,
-      "block_size": block_size,
-      "double_quant": double_quant,
-    }
+  quant_cfg = qnn.QuantTargets.parse(
+    {"data_type": quant, "block_size": block_size, "double_quant": double_quant}
+  )
   is_bert = isinstance(config, BertConfig)
   task = "embedding" if is_bert else "causal_lm"
   lm = from_pretrained(checkpoint, task=task, quant=quant_cfg, dtype=dtype)

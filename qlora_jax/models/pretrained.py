@@ -43,8 +43,8 @@ class Pretrained:
 
 def model_plan(
   spec: ModelSpec,
-  lora: Mapping[str, Any] | None,
-  quant: Mapping[str, Any] | None,
+  lora: qnn.LoraTargets | Mapping[str, Any] | None,
+  quant: qnn.QuantTargets | Mapping[str, Any] | None,
   scan_layers: bool,
 ) -> qnn.Plan:
   """`qlora_jax.nn.make_plan` over the model's linear layers.
@@ -75,9 +75,11 @@ class ModelOptions:
       normalised masked-mean sentence embeddings) or "classification"
       (BERT with a new trainable classifier of `num_labels` outputs).
     num_labels: outputs of a new classification head.
-    lora: adapters, as `qlora_jax.nn.make_plan` takes them (None: none).
-    quant: quantization of frozen linear weights, as `make_plan` takes it
-      (None: float weights in `base_dtype`).
+    lora: adapters, an `nn.LoraTargets` (a mapping is parsed into one:
+      `{"rank": 16}`; None: none).
+    quant: quantization of frozen linear weights, an `nn.QuantTargets` (a
+      mapping is parsed: `{"data_type": "nf4"}`; None or data type "none":
+      float weights in `base_dtype`).
     dtype: compute dtype.
     base_dtype: storage dtype of frozen float weights (and the dtype the
       quantizer sees).
@@ -95,8 +97,8 @@ class ModelOptions:
 
   task: str = "causal_lm"
   num_labels: int | None = None
-  lora: Mapping[str, Any] | None = None
-  quant: Mapping[str, Any] | None = None
+  lora: qnn.LoraTargets | None = None
+  quant: qnn.QuantTargets | None = None
   dtype: Any = jnp.float32
   base_dtype: Any = jnp.float32
   scan_layers: bool = False
@@ -105,6 +107,10 @@ class ModelOptions:
   place: loading.Place | None = None
   matmul_kernel: str = "auto"
   embed_dtype: Any = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "lora", qnn.LoraTargets.parse(self.lora))
+    object.__setattr__(self, "quant", qnn.QuantTargets.parse(self.quant))
 
 
 def model_options(

@@ -18,8 +18,12 @@ from qlora_jax.nn.matmul import (
 from qlora_jax.nn.merge import merge_adapters, merged_weight, unmerge_adapters
 from qlora_jax.nn.plan import (
   ALL_LINEAR,
+  FLOAT,
   LayerSpec,
+  LoraTargets,
   Plan,
+  QuantTargets,
+  check_pair,
   make_plan,
   plan_lines,
   select,
@@ -36,6 +40,10 @@ from qlora_jax.nn.trees import (
 __all__ = [
   "ALL_LINEAR",
   "BASE",
+  "FLOAT",
+  "LoraTargets",
+  "QuantTargets",
+  "check_pair",
   "Dropout",
   "INITS",
   "KERNELS",

@@ -52,21 +52,26 @@ class LoraSpec:
   qa: bool = False
 
   def __post_init__(self):
-    if not isinstance(self.rank, int) or self.rank < 1:
-      raise ValueError(f"lora rank must be a positive int, got {self.rank!r}")
+    SpecError = quant.SpecError
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int):
+      raise SpecError("rank", f"expected a whole number, got {self.rank!r}")
+    if self.rank < 1:
+      raise SpecError("rank", f"must be >= 1, got {self.rank}")
+    if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+      raise SpecError("alpha", f"expected a number, got {self.alpha!r}")
     if self.init not in INITS:
-      raise ValueError(
-        f"unknown lora init {self.init!r}: expected one of {INITS}"
+      raise SpecError(
+        "init", f"unknown lora init {self.init!r}: expected one of {INITS}"
       )
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+      raise SpecError("dropout", f"must be in [0, 1), got {self.dropout}")
     if self.loftq_iters < 1:
-      raise ValueError(f"loftq_iters must be >= 1, got {self.loftq_iters}")
+      raise SpecError("loftq_iters", f"must be >= 1, got {self.loftq_iters}")
     if self.qa and (self.dora or self.init not in ("kaiming", "gaussian")):
-      raise ValueError(
-        "lora qa (QA-LoRA) changes block minimums only: it takes init "
-        f"'kaiming' or 'gaussian' and no dora (got init {self.init!r}, "
-        f"dora {self.dora})"
+      raise SpecError(
+        "qa",
+        "QA-LoRA changes block minimums only: it takes init 'kaiming' or "
+        f"'gaussian' and no dora (got init {self.init!r}, dora {self.dora})",
       )
 
   @property
@@ -90,7 +95,7 @@ def check_qa(lora: LoraSpec, qspec, in_features: int, name: str) -> int:
   base is not asymmetric or L does not divide its input width."""
   what = name or "layer"
   if qspec is None or not qspec.asymmetric:
-    dtype = qspec.data_type if qspec is not None else "none"
+    dtype = qspec.data_type if qspec is not None else "none (float)"
     raise ValueError(
       f"lora qa of {what}: QA-LoRA needs an asymmetric quantized base "
       f"(quant.data_type 'int4_asym' or another 'int<k>_asym'), got {dtype!r}"

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from qlora_jax.nn.lora import LoraSpec
-from qlora_jax.quant import QuantSpec
+from qlora_jax.quant import QuantSpec, SpecError
 
 ALL_LINEAR = "all-linear"
 
@@ -108,21 +108,120 @@ def _pattern_value(
   return default
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraTargets:
+  """Which layers get adapters, and the adapter each gets.
+
+  Attributes:
+    spec: the adapter of every chosen layer (its rank and alpha unless a
+      pattern gives the layer its own).
+    targets: the layers chosen (see the module docstring).
+    exclude: layers left out of `targets`.
+    rank_pattern: regex -> rank (the first matching pattern wins).
+    alpha_pattern: regex -> alpha.
+  """
+
+  spec: LoraSpec = LoraSpec()
+  targets: Targets = ALL_LINEAR
+  exclude: Targets = None
+  rank_pattern: tuple[tuple[str, int], ...] = ()
+  alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+  def __post_init__(self):
+    for name in ("targets", "exclude"):
+      value = getattr(self, name)
+      if isinstance(value, list):
+        object.__setattr__(self, name, tuple(value))
+    for name in ("rank_pattern", "alpha_pattern"):
+      value = getattr(self, name)
+      if isinstance(value, Mapping):
+        object.__setattr__(self, name, tuple(value.items()))
+    for regex, rank in self.rank_pattern:
+      if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise SpecError(
+          "rank_pattern",
+          f"{regex!r}: rank must be a whole number >= 1, got {rank!r}",
+        )
+
+  @classmethod
+  def parse(cls, value: "LoraTargets | Mapping | None") -> "LoraTargets | None":
+    """None, a LoraTargets, or a flat mapping of its fields and LoraSpec's
+    (`{"rank": 16, "targets": "all-linear"}`; a missing key keeps its
+    default)."""
+    if value is None or isinstance(value, cls):
+      return value
+    flat = dict(value)
+    _check_keys("lora", flat, _LORA_KEYS)
+    spec = LoraSpec(**{k: flat.pop(k) for k in _SPEC_KEYS if k in flat})
+    return cls(spec=spec, **flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantTargets:
+  """Which frozen linear weights are quantized, and how."""
+
+  spec: QuantSpec = QuantSpec()
+  targets: Targets = ALL_LINEAR
+  exclude: Targets = None
+
+  def __post_init__(self):
+    for name in ("targets", "exclude"):
+      value = getattr(self, name)
+      if isinstance(value, list):
+        object.__setattr__(self, name, tuple(value))
+
+  @classmethod
+  def parse(
+    cls, value: "QuantTargets | Mapping | None"
+  ) -> "QuantTargets | None":
+    """None, a QuantTargets, or a flat mapping of its fields and
+    QuantSpec's. Data type "none" (`FLOAT`) means a float base: None.
+    This is the one reader of that name."""
+    if value is None or isinstance(value, cls):
+      return value
+    flat = dict(value)
+    _check_keys("quant", flat, _QUANT_KEYS)
+    if flat.get("data_type") == FLOAT:
+      return None
+    spec = QuantSpec(**{k: flat.pop(k) for k in _QSPEC_KEYS if k in flat})
+    return cls(spec=spec, **flat)
+
+
+# quant.data_type of a float (unquantized) base.
+FLOAT = "none"
+
+
+def check_pair(lora: LoraTargets | None, quant: QuantTargets | None) -> None:
+  """Rules between the adapters and the quantization.
+
+  Raises:
+    SpecError: QA-LoRA (field "qa") over a base that is not asymmetric.
+  """
+  if lora is None or not lora.spec.qa:
+    return
+  if quant is None or not quant.spec.asymmetric:
+    dtype = quant.spec.data_type if quant is not None else FLOAT
+    raise SpecError(
+      "qa",
+      "QA-LoRA folds its update into block minimums: it needs quant."
+      f"data_type 'int4_asym' (or another 'int<k>_asym'), got {dtype!r}",
+    )
+
+
 def make_plan(
   linear_paths: Sequence[str],
-  lora: Mapping[str, Any] | None,
-  quant_cfg: Mapping[str, Any] | None,
+  lora: LoraTargets | Mapping[str, Any] | None,
+  quant: QuantTargets | Mapping[str, Any] | None,
   heads: Sequence[str] = (),
 ) -> Plan:
   """Resolves adapter and quantization targets over a model's linear layers.
 
   Args:
     linear_paths: every linear layer's path.
-    lora: None for no adapters, or a mapping with keys `targets`, `exclude`,
-      `rank`, `alpha`, `rank_pattern`, `alpha_pattern` and the LoraSpec
-      fields (`rslora`, `dropout`, `init`, `loftq_iters`, `dora`, `qa`).
-    quant_cfg: None (or data_type "none") for a float base, or a mapping with
-      `data_type`, `block_size`, `double_quant`, `targets`, `exclude`.
+    lora: None for no adapters, or a `LoraTargets` (or a mapping that
+      `LoraTargets.parse` takes).
+    quant: None for a float base, or a `QuantTargets` (or a mapping
+      `QuantTargets.parse` takes).
     heads: output heads, left out of "all-linear".
 
   Raises:
@@ -130,27 +229,22 @@ def make_plan(
       larger than a layer allows (checked when the layer is built).
   """
   linear_paths = list(linear_paths)
+  lora = LoraTargets.parse(lora)
+  quant = QuantTargets.parse(quant)
   lora_specs: dict[str, LoraSpec] = {}
-  if lora:
-    lora = dict(lora)
-    _check_keys("lora", lora, _LORA_KEYS)
-    chosen = select(
-      linear_paths, lora.get("targets", ALL_LINEAR), heads, "lora.targets"
-    )
-    excluded = set(
-      select(linear_paths, lora.get("exclude"), heads, "lora.exclude")
-    )
-    rank_pattern = dict(lora.get("rank_pattern") or {})
-    alpha_pattern = dict(lora.get("alpha_pattern") or {})
+  if lora is not None:
+    chosen = select(linear_paths, lora.targets, heads, "lora.targets")
+    excluded = set(select(linear_paths, lora.exclude, heads, "lora.exclude"))
+    rank_pattern = dict(lora.rank_pattern)
+    alpha_pattern = dict(lora.alpha_pattern)
     used: set = set()
-    common = {k: lora[k] for k in _SPEC_KEYS if k in lora}
     for p in chosen:
       if p in excluded:
         continue
-      rank = _pattern_value(p, rank_pattern, lora.get("rank", 8), used)
-      alpha = _pattern_value(p, alpha_pattern, lora.get("alpha", 16.0), used)
-      lora_specs[p] = LoraSpec(
-        rank=_whole(rank, f"lora rank of {p}"), alpha=float(alpha), **common
+      rank = _pattern_value(p, rank_pattern, lora.spec.rank, used)
+      alpha = _pattern_value(p, alpha_pattern, lora.spec.alpha, used)
+      lora_specs[p] = dataclasses.replace(
+        lora.spec, rank=rank, alpha=float(alpha)
       )
     unused = (set(rank_pattern) | set(alpha_pattern)) - used
     if unused:
@@ -159,22 +253,10 @@ def make_plan(
         "layer"
       )
   quant_specs: dict[str, QuantSpec] = {}
-  if quant_cfg:
-    _check_keys("quant", quant_cfg, _QUANT_KEYS)
-  if quant_cfg and str(quant_cfg.get("data_type", "none")) != "none":
-    quant_cfg = dict(quant_cfg)
-    spec = QuantSpec(
-      str(quant_cfg["data_type"]),
-      _whole(quant_cfg.get("block_size", 64), "quant block_size"),
-      bool(quant_cfg.get("double_quant", True)),
-    )
-    chosen = select(
-      linear_paths, quant_cfg.get("targets", ALL_LINEAR), heads, "quant.targets"
-    )
-    excluded = set(
-      select(linear_paths, quant_cfg.get("exclude"), heads, "quant.exclude")
-    )
-    quant_specs = {p: spec for p in chosen if p not in excluded}
+  if quant is not None:
+    chosen = select(linear_paths, quant.targets, heads, "quant.targets")
+    excluded = set(select(linear_paths, quant.exclude, heads, "quant.exclude"))
+    quant_specs = {p: quant.spec for p in chosen if p not in excluded}
   layers = []
   for p in linear_paths:
     spec = LayerSpec(lora_specs.get(p), quant_specs.get(p))
@@ -183,25 +265,15 @@ def make_plan(
   return Plan(tuple(layers))
 
 
-_SPEC_KEYS = ("rslora", "dropout", "init", "loftq_iters", "dora", "qa")
+_SPEC_KEYS = tuple(f.name for f in dataclasses.fields(LoraSpec))
 _LORA_KEYS = _SPEC_KEYS + (
   "targets",
   "exclude",
-  "rank",
-  "alpha",
   "rank_pattern",
   "alpha_pattern",
 )
-_QUANT_KEYS = ("data_type", "block_size", "double_quant", "targets", "exclude")
-
-
-def _whole(value: Any, what: str) -> int:
-  """`value` as an int; a fraction or a non-number is an error."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ValueError(f"{what}: expected a whole number, got {value!r}")
-  if int(value) != value:
-    raise ValueError(f"{what}: expected a whole number, got {value!r}")
-  return int(value)
+_QSPEC_KEYS = tuple(f.name for f in dataclasses.fields(QuantSpec))
+_QUANT_KEYS = _QSPEC_KEYS + ("targets", "exclude")
 
 
 def _check_keys(section: str, cfg: Mapping[str, Any], known) -> None:

@@ -15,22 +15,45 @@ MAX_BLOCK_SIZE = 4096
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
+class SpecError(ValueError):
+  """A spec field out of its range; `field` names it ("block_size").
+
+  The layer that reads a config prefixes its section ("quant.block_size").
+  """
+
+  def __init__(self, field: str, reason: str):
+    super().__init__(f"{field}: {reason}")
+    self.field = field
+    self.reason = reason
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-  """How to quantize a tensor: data type, block size, double quantization."""
+  """How to quantize a tensor: data type, block size, double quantization.
+
+  The one owner of these fields' rules: every other layer builds a
+  QuantSpec and lets it raise (`SpecError`, naming the field).
+  """
 
   data_type: str = "nf4"
   block_size: int = 64
   double_quant: bool = True
 
   def __post_init__(self):
-    dt = get_data_type(self.data_type)  # raises on unknown names
+    try:
+      dt = get_data_type(self.data_type)
+    except ValueError as e:
+      raise SpecError("data_type", str(e)) from None
     check_block_size(self.block_size)
+    if not isinstance(self.double_quant, (bool, np.bool_)):
+      raise SpecError(
+        "double_quant", f"expected a bool, got {self.double_quant!r}"
+      )
     if dt.asymmetric and self.double_quant:
-      raise ValueError(
-        f"double_quant: data type {dt.name!r} stores a float16 scale and "
-        "minimum per block (GGML Q4_1's layout for int4_asym); set "
-        "double_quant to False"
+      raise SpecError(
+        "double_quant",
+        f"data type {dt.name!r} stores a float16 scale and minimum per "
+        "block (GGML Q4_1's layout for int4_asym); set double_quant to False",
       )
 
   @property
@@ -46,9 +69,10 @@ def check_block_size(block_size: Any) -> None:
     or block_size % 2
     or block_size > MAX_BLOCK_SIZE
   ):
-    raise ValueError(
-      f"block_size must be a positive multiple of 2 up to {MAX_BLOCK_SIZE}, "
-      f"got {block_size!r}"
+    raise SpecError(
+      "block_size",
+      f"must be a positive multiple of 2 up to {MAX_BLOCK_SIZE}, "
+      f"got {block_size!r}",
     )
 
 
