@@ -7,7 +7,7 @@ import pytest
 
 from qlora_jax import models
 from qlora_jax import nn as qnn
-from qlora_jax.engine import steps
+from qlora_jax.engine import sharding, steps
 
 LLAMA = "tests/data/hf/llama_gqa"
 
@@ -55,22 +55,53 @@ def test_accumulation_equals_one_big_batch():
 
 
 def test_frozen_base_is_bit_identical_after_steps():
-  lm, trainable, frozen, batch = _setup()
-  before = [np.array(a) for a in jax.tree.leaves(frozen)]
-  tx = optax.adamw(1e-2)
+  """Three AdamW steps (weight decay 0.1, so that every leaf the optimizer
+  holds moves) of the library's jitted step, `jit_train_step`, with its
+  shardings and donation over a 1 x 1 mesh. The reference is the names:
+  every leaf but the LoRA adapters (the whole "base" collection: packed
+  codes and scales, norms, embeddings) keeps, exactly, the bytes of a
+  NumPy copy taken before `split_trainable`, in the model after training
+  (the trained state merged with the frozen tree the step was given). The
+  state, and Adam's moments, hold the adapters and nothing else, and every
+  adapter moved: a split or a step that trained any frozen leaf fails."""
+  lm, _, _, batch = _setup()
+  before = {
+    path: [np.array(a) for a in jax.tree.leaves(leaf)]
+    for path, leaf in qnn.flatten(lm.variables).items()
+  }
+  adapters = {p for p in before if p[-1] in ("lora_a", "lora_b")}
+  assert adapters and len(adapters) < len(before)
+  trainable, frozen = qnn.split_trainable(lm.variables)
+  tx = optax.adamw(1e-2, weight_decay=0.1)
   state = steps.create_state(trainable, tx, 0)
-  step = jax.jit(
-    lambda s, b, f: steps.train_step(
-      s, b, f, model=lm.model, task="causal_lm", tx=tx
-    ),
-    donate_argnums=(0,),
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  state_sh = sharding.tree_shardings(mesh, state)
+  step = steps.jit_train_step(
+    lm.model,
+    "causal_lm",
+    tx,
+    1,
+    state_sh,
+    sharding.batch_sharding(mesh),
+    sharding.tree_shardings(mesh, frozen),
   )
+  state = jax.device_put(state, state_sh)
   for _ in range(3):
     state, metrics = step(state, batch, frozen)
   assert int(state.step) == 3 and bool(metrics["params_finite"])
-  after = [np.array(a) for a in jax.tree.leaves(frozen)]
-  for a, b in zip(before, after, strict=True):
-    assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+  assert set(qnn.flatten(state.params)) == adapters
+  mu = optax.tree_utils.tree_get(state.opt_state, "mu")
+  assert set(qnn.flatten(mu)) == adapters
+  after = qnn.flatten(qnn.merge_trees(state.params, frozen))
+  assert after.keys() == before.keys()
+  for path, old in before.items():
+    new = [np.array(a) for a in jax.tree.leaves(after[path])]
+    if path in adapters:
+      assert not np.array_equal(new[0], old[0]), path
+      continue
+    assert len(new) == len(old), path
+    for a, b in zip(old, new, strict=True):
+      assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), path
 
 
 def test_dropout_is_keyed_by_the_step():
