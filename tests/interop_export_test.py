@@ -91,7 +91,7 @@ def test_a_run_can_start_from_a_peft_adapter(run, restored, tmp_path):
     restored.settings,
     model=dataclasses.replace(restored.settings.model, adapter=str(adapter)),
   )
-  lm = setup.load_model(settings, 2)
+  lm = setup.load_model(settings, setup.open_base(settings.model), 2)
   trainable, _ = setup.split_variables(settings, lm.variables)
   for path, value in qnn.flatten(restored.trainable).items():
     np.testing.assert_array_equal(qnn.flatten(trainable)[path], value)

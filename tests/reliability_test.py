@@ -5,7 +5,6 @@ field, file or tensor, and the workdir must be byte for byte what it was
 (hashed before and after). Runs use the tiny BERT classifier.
 """
 
-import dataclasses
 import hashlib
 import json
 import os

@@ -24,7 +24,7 @@ import numpy as np
 from qlora_jax.data import arrays
 from qlora_jax.data.readers import read_records
 from qlora_jax.data.tokenizer import Tokenizer
-from qlora_jax.engine import losses, runs, setup
+from qlora_jax.engine import losses, runs
 from qlora_jax.engine.settings import CAUSAL_LM, CLASSIFICATION
 from qlora_jax.models import generation
 
@@ -51,7 +51,7 @@ class Predictor:
 def load(workdir: str | os.PathLike, step: int | None = None) -> Predictor:
   """The run in `workdir` at checkpoint `step` (the latest by default)."""
   run = runs.restore(workdir, step)
-  tokenizer = setup.load_tokenizer(run.base) if run.base else None
+  tokenizer = run.tokenizer
   if tokenizer is None:
     raise ValueError(
       f"{workdir}: the run's model.checkpoint "

@@ -34,6 +34,7 @@ class Run:
     labels: {label: id} of a classification run, else None.
     base: the base checkpoint folder, or None for a random-init run.
     step: the checkpoint step.
+    tokenizer: the base's tokenizer (None without one).
   """
 
   settings: Settings
@@ -43,6 +44,7 @@ class Run:
   labels: dict[str, int] | None
   base: pathlib.Path | None
   step: int
+  tokenizer: Any = None
 
 
 def _check_same(restored, built, where: str) -> None:
@@ -96,7 +98,8 @@ def restore(workdir: str | pathlib.Path, step: int | None = None) -> Run:
   state, meta = checkpoints.read(step)
   checkpoints.close()
   labels = meta.get("label_map")
-  lm = setup.load_model(settings, len(labels) if labels else None)
+  opened = setup.open_base(settings.model)
+  lm = setup.load_model(settings, opened, len(labels) if labels else None)
   trainable, frozen = setup.split_variables(settings, lm.variables)
   restored = state["params"]
   _check_same(restored, trainable, f"{checkpoints.directory}/{step}")
@@ -105,9 +108,10 @@ def restore(workdir: str | pathlib.Path, step: int | None = None) -> Run:
   )
   lm.variables = qnn.merge_trees(restored, frozen)
   m = settings.model
-  base = setup.resolve_checkpoint(m.checkpoint) if m.checkpoint else None
   spec = models.ModelSpec(lm.config, m.task, len(labels) if labels else None)
-  return Run(settings, lm, spec, restored, labels, base, step)
+  return Run(
+    settings, lm, spec, restored, labels, opened.path, step, opened.tokenizer
+  )
 
 
 # Files an export writes (a sharded merge writes model-*.safetensors too).

@@ -45,6 +45,34 @@ def resolve_checkpoint(name: str) -> pathlib.Path:
   return path
 
 
+@dataclasses.dataclass(frozen=True)
+class Base:
+  """A run's base model, resolved once (`open_base`) and handed on.
+
+  Attributes:
+    path: the checkpoint folder or GGUF file; None for a random init.
+    config: its parsed model config (or `model.hf_config`'s).
+    tokenizer: its tokenizer (None without one, or for a random init).
+  """
+
+  path: pathlib.Path | None
+  config: models.Config
+  tokenizer: data.Tokenizer | None
+
+  @property
+  def chat_template(self) -> str | None:
+    return self.tokenizer.chat_template if self.tokenizer else None
+
+
+def open_base(m) -> Base:
+  """The base of `model` settings `m`: its checkpoint resolved, its config
+  parsed and its tokenizer loaded, each once."""
+  if not m.checkpoint:
+    return Base(None, models.from_dict(dict(m.hf_config)), None)
+  path = resolve_checkpoint(m.checkpoint)
+  return Base(path, models.checkpoint_config(path), load_tokenizer(path))
+
+
 def load_tokenizer(path: pathlib.Path) -> data.Tokenizer | None:
   """The checkpoint's tokenizer (tokenizer.json, or a GGUF file's)."""
   if models.is_gguf(path):
@@ -161,27 +189,29 @@ def model_options(
 
 
 def load_model(
-  s: Settings, num_labels: int | None, place: Callable | None = None
+  s: Settings,
+  base: Base,
+  num_labels: int | None,
+  place: Callable | None = None,
 ) -> models.Pretrained:
-  """The model, its variables and plan, from a checkpoint or random init."""
+  """The model, its variables and plan, from `base` (a checkpoint, or a
+  random init)."""
   options = model_options(s, num_labels, place)
   if s.model.adapter:
-    return _load_with_adapter(s, options)
-  if s.model.checkpoint:
+    return _load_with_adapter(s, base, options)
+  if base.path is not None:
     return models.from_pretrained(
-      resolve_checkpoint(s.model.checkpoint), options
+      base.path, options, config=base.config, with_tokenizer=False
     )
-  return models.init_random(dict(s.model.hf_config), options)
+  return models.init_random(base.config, options)
 
 
-def _load_with_adapter(s: Settings, options: models.ModelOptions):
+def _load_with_adapter(s: Settings, base: Base, options: models.ModelOptions):
   """model.adapter: the plan and "params" from a PEFT adapter folder; the
   run's lora section gives only the dropout."""
   m = s.model
-  path = resolve_checkpoint(m.checkpoint)
-  spec = models.ModelSpec(
-    models.checkpoint_config(path), options.task, options.num_labels
-  )
+  path = base.path
+  spec = models.ModelSpec(base.config, options.task, options.num_labels)
   adapter = interop.read_adapter(m.adapter, spec, options.scan_layers)
   train_modules = s.train_patterns()
   pairs = zip(adapter.train_paths, adapter.train_patterns, strict=True)
@@ -192,7 +222,12 @@ def _load_with_adapter(s: Settings, options: models.ModelOptions):
         f"{p!r} to train.train_modules"
       )
   lora = dict(adapter.lora, dropout=s.lora.dropout)
-  loaded = models.from_pretrained(path, dataclasses.replace(options, lora=lora))
+  loaded = models.from_pretrained(
+    path,
+    dataclasses.replace(options, lora=lora),
+    config=base.config,
+    with_tokenizer=False,
+  )
   loaded.variables = interop.apply_adapter(
     loaded.variables, adapter, options.place
   )
@@ -225,10 +260,12 @@ def _absolute(path: str) -> str:
   return str(pathlib.Path(path).expanduser().absolute()) if path else path
 
 
-def check_run(s: Settings) -> Settings:
-  """The files a run needs, checked before anything loads; returns the
-  settings with every path made absolute (so that predict and export work
-  from any directory).
+def check_run(s: Settings) -> tuple[Settings, Base]:
+  """The files a run needs, checked before anything loads.
+
+  Returns the settings with every path made absolute (so that predict and
+  export work from any directory) and the run's `Base`: the one place its
+  checkpoint is resolved, its config parsed and its tokenizer loaded.
 
   Raises:
     ValueError: naming the config field: a checkpoint folder without
@@ -239,7 +276,7 @@ def check_run(s: Settings) -> Settings:
   checkpoint = m.checkpoint
   if checkpoint and checkpoint not in NAMED_CHECKPOINTS:
     checkpoint = _absolute(checkpoint)
-    resolve_checkpoint(checkpoint)
+  base = open_base(dataclasses.replace(m, checkpoint=checkpoint))
   adapter = _absolute(m.adapter)
   if adapter and not (pathlib.Path(adapter) / "adapter_config.json").is_file():
     raise ValueError(
@@ -251,16 +288,20 @@ def check_run(s: Settings) -> Settings:
     if d.source in ("jsonl", "text") and not pathlib.Path(value).is_file():
       raise ValueError(f"data.{field}: no file {value}")
     paths[field] = value
-  if checkpoint:
-    config = models.checkpoint_config(resolve_checkpoint(checkpoint))
-    learned = not isinstance(config, models.LlamaConfig)
-    if learned and d.max_length > config.max_positions:
-      raise ValueError(
-        f"data.max_length {d.max_length} exceeds the {config.max_positions} "
-        f"positions of model.checkpoint {checkpoint} (a learned table)"
-      )
-  return dataclasses.replace(
+  s = dataclasses.replace(
     s,
     model=dataclasses.replace(m, checkpoint=checkpoint, adapter=adapter),
     data=dataclasses.replace(d, **paths),
   )
+  learned = not isinstance(base.config, models.LlamaConfig)
+  if (
+    base.path is not None
+    and learned
+    and d.max_length > base.config.max_positions
+  ):
+    raise ValueError(
+      f"data.max_length {d.max_length} exceeds the "
+      f"{base.config.max_positions} positions of model.checkpoint "
+      f"{checkpoint} (a learned table)"
+    )
+  return s, base

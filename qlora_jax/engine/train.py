@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from qlora_jax import data, models
+from qlora_jax import data
 from qlora_jax import nn as qnn
 from qlora_jax.engine import (
   answers,
@@ -96,7 +96,7 @@ def _schedule_numbers(s: Settings, steps_per_epoch: int) -> tuple[int, int]:
   return total, eval_every
 
 
-def _set_up(s: Settings, workdir: pathlib.Path) -> Run:
+def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Run:
   """Mesh, data, model, optimizer, sharded state and the jitted steps."""
   t = s.train
   mesh = sharding.make_mesh(s.mesh.data, s.mesh.fsdp)
@@ -105,15 +105,10 @@ def _set_up(s: Settings, workdir: pathlib.Path) -> Run:
       f"train.batch_size {t.batch_size} must be divisible by train.grad_accum "
       f"({t.grad_accum}) x the {sharding.batch_divisor(mesh)} batch shards"
     )
-  tokenizer = None
-  if s.model.checkpoint:
-    tokenizer = setup.load_tokenizer(
-      setup.resolve_checkpoint(s.model.checkpoint)
-    )
-  run_data = setup.make_data(s, tokenizer, workdir)
+  run_data = setup.make_data(s, base.tokenizer, workdir)
   num_labels = len(run_data.label_map) if run_data.label_map else None
-  _check_memory(s, mesh, num_labels)
-  loaded = setup.load_model(s, num_labels, place=setup.place_on(mesh))
+  _check_memory(s, base, mesh, num_labels)
+  loaded = setup.load_model(s, base, num_labels, place=setup.place_on(mesh))
   trainable, frozen = setup.split_variables(s, loaded.variables)
   _warn_if_it_cannot_learn(s, trainable, run_data)
   plan_file = workdir / "plan.txt"
@@ -171,15 +166,12 @@ def _set_up(s: Settings, workdir: pathlib.Path) -> Run:
   )
 
 
-def _check_memory(s: Settings, mesh, num_labels: int | None) -> None:
+def _check_memory(
+  s: Settings, base: setup.Base, mesh, num_labels: int | None
+) -> None:
   """Refuses (or warns of) a run the memory model says cannot fit, before
   anything is loaded."""
-  if s.model.checkpoint:
-    path = setup.resolve_checkpoint(s.model.checkpoint)
-    config = models.checkpoint_config(path)
-  else:
-    config = models.from_dict(dict(s.model.hf_config))
-  warning = memory.check_fits(s, config, mesh.size, num_labels=num_labels)
+  warning = memory.check_fits(s, base.config, mesh.size, num_labels=num_labels)
   if warning:
     logging.warning("%s", warning)
 
@@ -267,7 +259,7 @@ def train_and_evaluate(
   long it trains and how often it evaluates and saves), as is one that
   another live run holds.
   """
-  s = setup.check_run(Settings.from_config(config))
+  s, base = setup.check_run(Settings.from_config(config))
   _init_distributed(s)
   workdir = pathlib.Path(workdir).absolute()
   main = jax.process_index() == 0
@@ -278,7 +270,7 @@ def train_and_evaluate(
   if main:
     lock.acquire()
   try:
-    return _train(s, workdir)
+    return _train(s, base, workdir)
   finally:
     lock.release()
 
@@ -298,8 +290,10 @@ def _record(run: Run) -> None:
     run_dir.write_atomic(workdir / "labels.json", labels + "\n")
 
 
-def _train(s: Settings, workdir: pathlib.Path) -> dict[str, Any]:
-  run = _set_up(s, workdir)
+def _train(
+  s: Settings, base: setup.Base, workdir: pathlib.Path
+) -> dict[str, Any]:
+  run = _set_up(s, base, workdir)
   _record(run)
   console.show_summary(run.summary)
   checkpoints = Checkpoints(workdir, keep=s.train.keep_checkpoints)

@@ -14,6 +14,7 @@ from qlora_jax.models.bert import (
 from qlora_jax.models.config import (
   SUPPORTED_TYPES,
   BertConfig,
+  Config,
   ConfigError,
   GPT2Config,
   LlamaConfig,
@@ -57,6 +58,7 @@ __all__ = [
   "SUPPORTED_TYPES",
   "MODEL_TASKS",
   "BertConfig",
+  "Config",
   "BertForSequenceClassification",
   "BertModel",
   "CheckpointError",

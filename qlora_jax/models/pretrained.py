@@ -128,7 +128,12 @@ def model_options(
 
 
 def from_pretrained(
-  path: str | pathlib.Path, options: ModelOptions | None = None, **fields: Any
+  path: str | pathlib.Path,
+  options: ModelOptions | None = None,
+  *,
+  config: Config | None = None,
+  with_tokenizer: bool = True,
+  **fields: Any,
 ) -> Pretrained:
   """Loads a Hugging Face checkpoint folder, quantizing as it reads.
 
@@ -140,6 +145,10 @@ def from_pretrained(
       come from its metadata.
     options: how to build the model (`ModelOptions`); keyword `fields`
       replace single options (`lora=..., quant=...`).
+    config: the checkpoint's config, when the caller has parsed it already
+      (`checkpoint_config(path)`); read from `path` otherwise.
+    with_tokenizer: load the checkpoint's tokenizer into
+      `Pretrained.tokenizer` (a caller holding it already passes False).
 
   Raises:
     ConfigError, CheckpointError (ValueErrors naming file and tensor): an
@@ -149,18 +158,21 @@ def from_pretrained(
   o = model_options(options, **fields)
   start, rss_before = time.perf_counter(), _peak_rss()
   folder = pathlib.Path(path)
+  tokenizer = None
   if is_gguf(folder):  # a llama.cpp file
     gguf = gguf_reader.read_gguf(folder)
     ckpt = gguf_reader.GGUFCheckpoint(gguf)
     config_file, section = folder, None
-    config = from_dict(ckpt.config, str(folder))
-    tokenizer = gguf_tokenizer(gguf).tokenizer
+    config = config or from_dict(ckpt.config, str(folder))
+    if with_tokenizer:
+      tokenizer = gguf_tokenizer(gguf).tokenizer
   else:
     config_file = folder / "config.json"
-    config = read_config(config_file)
+    config = config or read_config(config_file)
     ckpt = Checkpoint(folder)
     section = prequantized.read_section(config_file)
-    tokenizer = _tokenizer(folder)
+    if with_tokenizer:
+      tokenizer = _tokenizer(folder)
   quant = o.quant
   if section is not None:  # linear weights stored quantized
     if quant:
