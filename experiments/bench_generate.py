@@ -15,14 +15,12 @@ our float decode. The last line is one JSON object.
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
 from absl import app, flags
 
-from qlora_jax.bench import generate
+from qlora_jax.bench import generate, workers
 from qlora_jax.engine import console, setup
 from qlora_jax.interop import gguf_convert
 
@@ -54,32 +52,15 @@ def _worker(spec: str) -> None:
 
 
 def _run(impl: str, quantized: bool, batch: int, folder: str) -> dict:
-  cmd = [
-    sys.executable,
-    "-m",
+  return workers.run_worker(
     "experiments.bench_generate",
-    f"--worker={impl}:{int(quantized)}:{batch}:{folder}",
-    f"--checkpoint={_CHECKPOINT.value}",
-    f"--prompt_len={_PROMPT.value}",
-    f"--new_tokens={_NEW.value}",
-  ]
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if proc.returncode != 0:
-    raise RuntimeError(
-      f"{impl} q={quantized} b={batch}:\n{proc.stderr[-3000:]}"
-    )
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _peers_available() -> bool:
-  if _PEERS.value != "auto":
-    return _PEERS.value == "on"
-  probe = subprocess.run(
-    [sys.executable, "-c", "import torch, transformers, bitsandbytes"],
-    capture_output=True,
-    check=False,
+    f"{impl}:{int(quantized)}:{batch}:{folder}",
+    [
+      f"--checkpoint={_CHECKPOINT.value}",
+      f"--prompt_len={_PROMPT.value}",
+      f"--new_tokens={_NEW.value}",
+    ],
   )
-  return probe.returncode == 0
 
 
 def main(argv):
@@ -88,7 +69,9 @@ def main(argv):
   if _WORKER.value:
     _worker(_WORKER.value)
     return
-  peers = _peers_available()
+  peers = workers.peers_available(
+    _PEERS.value, ("torch", "transformers", "bitsandbytes")
+  )
   path = setup.resolve_checkpoint(_CHECKPOINT.value)
   tok = setup.load_tokenizer(path)
   results = {}

@@ -20,14 +20,13 @@ object.
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 from absl import app, flags
 
 from qlora_jax import models
 from qlora_jax.bench import train as bench_train
+from qlora_jax.bench import workers
 from qlora_jax.engine import console
 from qlora_jax.engine.modes import MODES
 from qlora_jax.interop import gguf_convert
@@ -49,7 +48,6 @@ _SHAPE = flags.DEFINE_enum(
 SHAPES = {"small": (4, 128), "smollm2": (8, 256)}  # (batch, tokens per row)
 _WORKER = flags.DEFINE_string("worker", None, "Internal: IMPL:MODE:CKPT.")
 
-_PEER_IMPORTS = "import torch, transformers, peft, bitsandbytes"
 GiB = 2**30
 
 
@@ -70,30 +68,17 @@ def _worker(spec: str) -> None:
 
 
 def _run(impl: str, mode: str, checkpoint: str) -> dict:
-  cmd = [
-    sys.executable,
-    "-m",
+  return workers.run_worker(
     "experiments.bench_train",
-    f"--worker={impl}:{mode}:{checkpoint}",
-    f"--steps={_STEPS.value}",
-    f"--warmup={_WARMUP.value}",
-    f"--remat={_REMAT.value}",
-    f"--scan_layers={_SCAN.value}",
-    f"--shape={_SHAPE.value}",
-  ]
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if proc.returncode != 0:
-    raise RuntimeError(f"{impl} {mode} failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _peers_available() -> bool:
-  if _PEERS.value != "auto":
-    return _PEERS.value == "on"
-  probe = subprocess.run(
-    [sys.executable, "-c", _PEER_IMPORTS], capture_output=True, check=False
+    f"{impl}:{mode}:{checkpoint}",
+    [
+      f"--steps={_STEPS.value}",
+      f"--warmup={_WARMUP.value}",
+      f"--remat={_REMAT.value}",
+      f"--scan_layers={_SCAN.value}",
+      f"--shape={_SHAPE.value}",
+    ],
   )
-  return probe.returncode == 0
 
 
 def main(argv):
@@ -102,7 +87,7 @@ def main(argv):
   if _WORKER.value:
     _worker(_WORKER.value)
     return
-  peers = _peers_available()
+  peers = workers.peers_available(_PEERS.value)
   results: dict[str, dict] = {}
   with tempfile.TemporaryDirectory() as tmp:
     if _SHAPE.value == "smollm2":

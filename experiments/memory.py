@@ -20,8 +20,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qlora_jax import models
-from qlora_jax.engine import console, lowering, memory, setup
-from qlora_jax.engine.settings import Settings
+from qlora_jax.bench import families
+from qlora_jax.engine import console, lowering, memory, memory_check, setup
+from qlora_jax.engine.settings import DTYPES, Settings
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", "configs/default.py", "Config file.", lock_config=True
@@ -55,7 +56,7 @@ def main(argv):
     device_memory = (
       memory.parse_bytes(_MEMORY.value)
       if _MEMORY.value
-      else memory.available_memory()
+      else memory_check.available_memory()
     )
   except ValueError as e:
     sys.exit(f"error: {e}")
@@ -67,7 +68,7 @@ def main(argv):
     config = models.from_dict(dict(s.model.hf_config))
   n = _DEVICES.value
   platform = _PLATFORM.value
-  p = memory.predict_settings(s, config, n, num_labels=2, platform=platform)
+  p = memory.estimate_settings(s, config, n, num_labels=2, platform=platform)
   where = f"{n} device(s)" if n > 1 else "one device"
   adapters = s.lora_plan() is not None
   base = p.params - (p.trainable_params if adapters else 0)
@@ -99,14 +100,14 @@ def main(argv):
     f"\nLlama shapes, GiB per device (LoRA r={rank} on all linear layers; "
     f"mesh data {data} x fsdp {fsdp}; '(no)': does not fit)"
   )
-  lines, largest = memory.plan_table(
+  lines, largest = families.plan_table(
     device_memory,
     rank=rank,
     batch=s.train.batch_size,
     seq=s.data.max_length,
     mesh=(data, fsdp),
     remat=s.model.remat,
-    dtype=setup.DTYPES[s.model.dtype],
+    dtype=DTYPES[s.model.dtype],
     platform=platform,
   )
   for line in lines:

@@ -53,8 +53,8 @@ def test_fused_kernels_lower_for_the_device(platform, call):
   # more sites; identical calls may share one).
   assert low.custom_calls.get(call, 0) >= 2 * LINEAR, low.custom_calls
   assert set(low.custom_calls) == {call}  # nothing else custom
-  fn, args = lowering.abstract_step(s, models.from_dict(HF))
-  want = [a.shape for a in jax.tree.leaves(args)]
+  step = lowering.abstract_step(s, models.from_dict(HF))
+  want = [a.shape for a in jax.tree.leaves(step.args)]
   assert [a.shape for a in low.exported.in_avals] == want
 
 
@@ -72,10 +72,8 @@ def test_exported_step_is_the_engine_step():
   `init_random` makes, on a one-device mesh) on the same inputs."""
   s = _settings(kernel="xla", dtype="float32")
   config = models.from_dict(HF)
-  fn, (a_state, a_batch, a_frozen) = lowering.abstract_step(s, config)
-  exported = jax.export.export(fn, platforms=["cpu"])(
-    a_state, a_batch, a_frozen
-  )
+  step = lowering.abstract_step(s, config)
+  exported = jax.export.export(step.fn, platforms=["cpu"])(*step.args)
   lm = models.init_random(
     HF,
     lora=s.lora_plan(),
@@ -85,14 +83,7 @@ def test_exported_step_is_the_engine_step():
   )
   trainable, frozen = qnn.split_trainable(lm.variables, [])
   rng = np.random.default_rng(0)
-  ids = rng.integers(0, 512, (2, 65)).astype(np.int32)
-  batch = {
-    "input_ids": jnp.asarray(ids[:, :-1]),
-    "segment_ids": jnp.ones((2, 64), jnp.int32),
-    "positions": jnp.tile(jnp.arange(64, dtype=jnp.int32), (2, 1)),
-    "targets": jnp.asarray(ids[:, 1:]),
-    "loss_mask": jnp.ones((2, 64), jnp.float32),
-  }
+  batch = steps.random_lm_batch(rng, 512, 2, 64)
   from qlora_jax.engine import optim, sharding  # noqa: PLC0415
 
   tx, _ = optim.make_optimizer(s.opt, 1000)

@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import optax
 
 from qlora_jax import models
 from qlora_jax import nn as qnn
+from qlora_jax.bench import families
 from qlora_jax.bench.layers import mode_inputs
-from qlora_jax.engine import memory, profiling, steps
+from qlora_jax.engine import profiling, steps
 from qlora_jax.models.minilm import cache_dir
 
 SHARD_BYTES = 2 * 10**9
@@ -153,12 +153,12 @@ def write_sharded_llama(
 def cached_llama(
   shape: str, cache: str | os.PathLike | None = None, seed: int = 0
 ) -> pathlib.Path:
-  """The folder of a `memory.FAMILY` shape in bfloat16, written once."""
+  """The folder of a `families.FAMILY` shape in bfloat16, written once."""
   folder = cache_dir(cache) / "bench_scale" / f"llama-{shape}-bf16-seed{seed}"
   if (folder / INDEX).is_file() and (folder / "config.json").is_file():
     return folder
   return write_sharded_llama(
-    folder, memory.family_config_dict(shape), seed=seed
+    folder, families.family_config_dict(shape), seed=seed
   )
 
 
@@ -191,8 +191,8 @@ class GeneratedLlama:
 
 
 def generated_llama(shape: str, seed: int = 0) -> GeneratedLlama:
-  """A `memory.FAMILY` shape's checkpoint, generated as it is read."""
-  return GeneratedLlama(memory.family_config_dict(shape), seed)
+  """A `families.FAMILY` shape's checkpoint, generated as it is read."""
+  return GeneratedLlama(families.family_config_dict(shape), seed)
 
 
 def checkpoint_bytes(folder: pathlib.Path) -> int:
@@ -237,55 +237,18 @@ def train_from_disk(
     generated = folder
     config = models.from_dict(generated.config)
 
-    def load(**kw):
-      return models.from_checkpoint(generated, generated.config, **kw)
+    def load(options):
+      return models.from_checkpoint(generated, generated.config, options)
 
   else:
     folder = pathlib.Path(folder)
     config = models.read_config(folder / "config.json")
 
-    def load(**kw):
-      return models.from_pretrained(folder, **kw)
+    def load(options):
+      return models.from_pretrained(folder, options)
 
   spec = models.ModelSpec(config, "causal_lm")
-  plan = models.model_plan(spec, lora, quant_cfg, True)
-  opts = models.Options(
-    plan, dtype, base_dtype, True, True, embed_dtype=embed_dtype
-  )
-  model = spec.build(opts)
-  a_train, a_frozen = qnn.split_trainable(
-    spec.abstract_variables(opts), patterns
-  )
-  tx = optax.adamw(1e-4)
-  a_state = jax.eval_shape(lambda t: steps.create_state(t, tx, seed), a_train)
-  rng = np.random.default_rng(seed)
-  vocab = config.vocab_size
-
-  def batch_of():
-    ids = rng.integers(1, vocab, (batch, seq + 1), dtype=np.int32)
-    return {
-      "input_ids": jnp.asarray(ids[:, :-1]),
-      "segment_ids": jnp.ones((batch, seq), jnp.int32),
-      "positions": jnp.tile(jnp.arange(seq, dtype=jnp.int32), (batch, 1)),
-      "targets": jnp.asarray(ids[:, 1:]),
-      "loss_mask": jnp.ones((batch, seq), jnp.float32),
-    }
-
-  fn = jax.jit(
-    lambda s, b, f: steps.train_step(
-      s, b, f, model=model, task="causal_lm", tx=tx
-    ),
-    donate_argnums=(0,),
-  )
-  t0 = time.perf_counter()
-  compiled = fn.lower(a_state, jax.eval_shape(batch_of), a_frozen).compile()
-  compile_s = time.perf_counter() - t0
-  xla_bytes = profiling.compiled_memory(compiled)["total"]
-  profiling.release_host_memory()
-  base_rss = profiling.current_rss_bytes()
-  profiling.reset_peak_rss()
-  t0 = time.perf_counter()
-  lm = load(
+  options = models.ModelOptions(
     lora=lora,
     quant=quant_cfg,
     dtype=dtype,
@@ -294,6 +257,26 @@ def train_from_disk(
     scan_layers=True,
     remat=True,
   )
+  step = steps.abstract_step(
+    spec,
+    models.layer_options(spec, options),
+    batch=batch,
+    seq=seq,
+    train_patterns=patterns,
+    seed=seed,
+  )
+  tx = step.tx
+  rng = np.random.default_rng(seed)
+  vocab = config.vocab_size
+  t0 = time.perf_counter()
+  compiled = step.compile()
+  compile_s = time.perf_counter() - t0
+  xla_bytes = profiling.compiled_memory(compiled)["total"]
+  profiling.release_host_memory()
+  base_rss = profiling.current_rss_bytes()
+  profiling.reset_peak_rss()
+  t0 = time.perf_counter()
+  lm = load(options)
   trainable, frozen = qnn.split_trainable(lm.variables, patterns)
   state = steps.create_state(trainable, tx, seed)
   jax.block_until_ready((state, frozen))
@@ -304,7 +287,7 @@ def train_from_disk(
   profiling.reset_peak_rss()
   times, losses = [], []
   for _ in range(steps_run):
-    b = batch_of()
+    b = steps.random_lm_batch(rng, vocab, batch, seq)
     t = time.perf_counter()
     state, metrics = compiled(state, b, frozen)
     losses.append(float(metrics["loss"]) / float(metrics["weight"]))
@@ -332,11 +315,11 @@ def train_from_disk(
 
 
 def _params(shape: str) -> float:
-  f = memory.FAMILY[shape]
+  f = families.FAMILY[shape]
   h, inter, layers = f["hidden"], f["mlp"], f["layers"]
   kv = f["kv"] * h // f["heads"]
   per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
-  return layers * per_layer + 2 * memory.VOCAB * h + h
+  return layers * per_layer + 2 * families.VOCAB * h + h
 
 
 def summary(runs: list[dict]) -> dict[str, Any]:

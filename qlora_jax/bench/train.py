@@ -10,10 +10,7 @@ import pathlib
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from qlora_jax import models
 from qlora_jax import nn as qnn
@@ -93,14 +90,15 @@ def _plan(mode: str, rank: int):
   return lora, quant_cfg, base_dtype
 
 
-def _abstract(checkpoint, mode: str, rank: int, scan_layers, remat):
-  """The model and the abstract variables `from_pretrained` will return."""
+def _options(mode: str, rank: int, scan_layers, remat) -> models.ModelOptions:
   lora, quant_cfg, base_dtype = _plan(mode, rank)
-  config = models.read_config(pathlib.Path(checkpoint) / "config.json")
-  spec = models.ModelSpec(config, "causal_lm")
-  plan = models.model_plan(spec, lora, quant_cfg, scan_layers)
-  opts = models.Options(plan, jnp.float32, base_dtype, remat, scan_layers)
-  return spec.build(opts), spec.abstract_variables(opts)
+  return models.ModelOptions(
+    lora=lora,
+    quant=quant_cfg,
+    base_dtype=base_dtype,
+    scan_layers=scan_layers,
+    remat=remat,
+  )
 
 
 def train_throughput(
@@ -125,55 +123,31 @@ def train_throughput(
   leftovers of the previous one.
   """
   patterns = mode_inputs(mode, rank)[3]
-  model, abstract = _abstract(checkpoint, mode, rank, scan_layers, remat)
-  a_trainable, a_frozen = qnn.split_trainable(abstract, patterns)
-  tx = optax.adamw(1e-4)
-  a_state = jax.eval_shape(
-    lambda t: steps.create_state(t, tx, seed), a_trainable
+  config = models.read_config(pathlib.Path(checkpoint) / "config.json")
+  spec = models.ModelSpec(config, "causal_lm")
+  options = _options(mode, rank, scan_layers, remat)
+  step = steps.abstract_step(
+    spec,
+    models.layer_options(spec, options),
+    batch=batch,
+    seq=seq,
+    train_patterns=patterns,
+    seed=seed,
   )
-  vocab = models.read_config(
-    pathlib.Path(checkpoint) / "config.json"
-  ).vocab_size
   rng = np.random.default_rng(seed)
-
-  def batch_of():
-    ids = rng.integers(1, vocab, (batch, seq + 1), dtype=np.int32)
-    return {
-      "input_ids": jnp.asarray(ids[:, :-1]),
-      "segment_ids": jnp.ones((batch, seq), jnp.int32),
-      "positions": jnp.tile(jnp.arange(seq, dtype=jnp.int32), (batch, 1)),
-      "targets": jnp.asarray(ids[:, 1:]),
-      "loss_mask": jnp.ones((batch, seq), jnp.float32),
-    }
-
-  step_fn = jax.jit(
-    lambda s, b, f: steps.train_step(
-      s, b, f, model=model, task="causal_lm", tx=tx
-    ),
-    donate_argnums=(0,),
-  )
-  a_batch = jax.eval_shape(batch_of)
   t0 = time.perf_counter()
-  compiled = step_fn.lower(a_state, a_batch, a_frozen).compile()
+  compiled = step.compile()
   compile_s = time.perf_counter() - t0
   memory = profiling.compiled_memory(compiled)["total"]
   profiling.release_host_memory()
-  lora, quant_cfg, base_dtype = _plan(mode, rank)
-  lm = models.from_pretrained(
-    checkpoint,
-    lora=lora,
-    quant=quant_cfg,
-    base_dtype=base_dtype,
-    scan_layers=scan_layers,
-    remat=remat,
-  )
+  lm = models.from_pretrained(checkpoint, options)
   trainable, frozen = qnn.split_trainable(lm.variables, patterns)
-  state = steps.create_state(trainable, tx, seed)
+  state = steps.create_state(trainable, step.tx, seed)
   del lm, trainable
   profiling.release_host_memory()
   times, losses = [], []
   for i in range(warmup + steps_timed):
-    b = batch_of()
+    b = steps.random_lm_batch(rng, config.vocab_size, batch, seq)
     t = time.perf_counter()
     state, metrics = compiled(state, b, frozen)
     losses.append(float(metrics["loss"]) / float(metrics["weight"]))

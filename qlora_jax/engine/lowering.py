@@ -21,12 +21,9 @@ made them.
 import dataclasses
 import re
 
-import jax
-import jax.numpy as jnp
 from jax import export
 
 from qlora_jax import models
-from qlora_jax import nn as qnn
 from qlora_jax.engine import optim, setup, steps
 from qlora_jax.engine.settings import Settings
 from qlora_jax.nn import pallas_matmul
@@ -46,49 +43,22 @@ class Lowered:
     return self.exported.mlir_module()
 
 
-def abstract_step(s: Settings, config, num_labels: int | None = None):
-  """(the jitted train step, its abstract (state, batch, frozen))."""
-  m = s.model
-  spec = models.ModelSpec(config, m.task, num_labels)
-  plan = models.model_plan(spec, s.lora_plan(), s.quant_plan(), m.scan_layers)
-  opts = models.Options(
-    plan,
-    setup.DTYPES[m.dtype],
-    setup.DTYPES[m.base_dtype],
-    m.remat,
-    m.scan_layers,
-    m.matmul_kernel,
-    setup.DTYPES.get(m.embed_dtype),
-  )
-  model = spec.build(opts)
-  trainable, frozen = qnn.split_trainable(
-    spec.abstract_variables(opts), s.train_patterns()
-  )
+def abstract_step(
+  s: Settings, config, num_labels: int | None = None
+) -> steps.AbstractStep:
+  """The run's train step (`steps.abstract_step`) from abstract shapes."""
+  spec = models.ModelSpec(config, s.model.task, num_labels)
   tx, _ = optim.make_optimizer(s.opt, 1000)
-  state = jax.eval_shape(
-    lambda t: steps.create_state(t, tx, s.train.seed), trainable
+  return steps.abstract_step(
+    spec,
+    setup.layer_options(s, spec),
+    batch=s.train.batch_size,
+    seq=s.data.max_length,
+    train_patterns=s.train_patterns(),
+    tx=tx,
+    accum=s.train.grad_accum,
+    seed=s.train.seed,
   )
-  b, t = s.train.batch_size, s.data.max_length
-  i32 = jax.ShapeDtypeStruct((b, t), jnp.int32)
-  batch = {"input_ids": i32, "segment_ids": i32, "positions": i32}
-  if m.task == "causal_lm":
-    batch["targets"] = i32
-    batch["loss_mask"] = jax.ShapeDtypeStruct((b, t), jnp.float32)
-  else:
-    batch["labels"] = jax.ShapeDtypeStruct((b,), jnp.int32)
-
-  def step(state, batch, frozen):
-    return steps.train_step(
-      state,
-      batch,
-      frozen,
-      model=model,
-      task=m.task,
-      tx=tx,
-      accum=s.train.grad_accum,
-    )
-
-  return jax.jit(step, donate_argnums=(0,)), (state, batch, frozen)
 
 
 def custom_calls(text: str) -> dict[str, int]:
@@ -109,10 +79,10 @@ def export_train_step(
   """
   if platform not in PLATFORMS:
     raise ValueError(f"platform {platform!r}: expected one of {PLATFORMS}")
-  fn, args = abstract_step(s, config, num_labels)
+  step = abstract_step(s, config, num_labels)
   checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
   with pallas_matmul.lowering_for(platform):
-    exported = export.export(fn, platforms=[platform], disabled_checks=checks)(
-      *args
-    )
+    exported = export.export(
+      step.fn, platforms=[platform], disabled_checks=checks
+    )(*step.args)
   return Lowered(platform, exported, custom_calls(exported.mlir_module()))

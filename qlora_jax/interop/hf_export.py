@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from absl import logging
@@ -28,11 +27,11 @@ from absl import logging
 from qlora_jax import models, quant
 from qlora_jax import nn as qnn
 from qlora_jax.interop import gguf_convert
-from qlora_jax.interop.naming import Names, head_tensor
+from qlora_jax.interop.naming import FILE_DTYPES, Names, head_tensor
 from qlora_jax.models import prequantized
 from qlora_jax.models.safetensors_reader import SINGLE, Checkpoint
 
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+DTYPES = ("float32", "bfloat16")  # a merged folder's float tensors
 TOKENIZER_FILES = (
   "tokenizer.json",
   "tokenizer_config.json",
@@ -124,7 +123,7 @@ def merged_tensors(
         continue
       array = np.asarray(value, np.float32)
       array = array.T if t.transposed else array
-      out[t.name] = np.ascontiguousarray(array.astype(DTYPES[dtype]))
+      out[t.name] = np.ascontiguousarray(array.astype(FILE_DTYPES[dtype]))
   return out, shapes, specs
 
 
@@ -154,7 +153,7 @@ def _unused_base_tensors(base: pathlib.Path, names: Names, dtype: str):
   for key in ckpt.keys():
     name = names.layout.canonical(key)
     if name.rsplit(".", 1)[0] in unused:
-      out[name] = ckpt.read(key).astype(DTYPES[dtype])
+      out[name] = ckpt.read(key).astype(FILE_DTYPES[dtype])
   return out
 
 

@@ -16,8 +16,18 @@ the head as `classifier`).
 
 import dataclasses
 
+import ml_dtypes
+import numpy as np
+
 from qlora_jax import nn as qnn
 from qlora_jax.models import BertConfig, ModelSpec, loading
+
+# The float dtypes of tensors written to files, by name.
+FILE_DTYPES = {
+  "float32": np.float32,
+  "bfloat16": ml_dtypes.bfloat16,
+  "float16": np.float16,
+}
 
 Path = tuple[str, ...]
 HEAD_LEAVES = {"kernel": "weight", "bias": "bias"}  # flax nn.Dense heads

@@ -39,6 +39,7 @@ from qlora_jax.models.pretrained import (
   from_pretrained,
   init_random,
   is_gguf,
+  layer_options,
   model_options,
   model_plan,
 )
@@ -83,6 +84,7 @@ __all__ = [
   "mean_pool",
   "minilm_path",
   "model_options",
+  "layer_options",
   "model_plan",
   "read_config",
   "select_tokens",

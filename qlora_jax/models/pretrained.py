@@ -219,8 +219,8 @@ def from_checkpoint(
 
 def _read(ckpt, config, o: ModelOptions, source, tokenizer, rss_before):
   spec = ModelSpec(config, o.task, o.num_labels)
-  plan = model_plan(spec, o.lora, o.quant, o.scan_layers)
-  opts = _layer_options(plan, o)
+  opts = layer_options(spec, o)
+  plan = opts.plan
   model = spec.build(opts)
   flat, stats = loading.read_variables(
     ckpt, spec, opts, source, o.seed, o.place
@@ -245,8 +245,9 @@ def init_random(
   if isinstance(config, Mapping):
     config = from_dict(config)
   spec = ModelSpec(config, o.task, o.num_labels)
-  plan = model_plan(spec, o.lora, o.quant, o.scan_layers)
-  model = spec.build(_layer_options(plan, o))
+  opts = layer_options(spec, o)
+  plan = opts.plan
+  model = spec.build(opts)
   rngs = {"params": jax.random.key(o.seed)}
   variables = jax.jit(model.init)(rngs, *spec.dummy_inputs())
   place = o.place or loading.default_place
@@ -267,7 +268,11 @@ def checkpoint_config(path: str | pathlib.Path) -> Config:
   return read_config(pathlib.Path(path) / "config.json")
 
 
-def _layer_options(plan: qnn.Plan, o: ModelOptions) -> Options:
+def layer_options(spec: ModelSpec, o: ModelOptions) -> Options:
+  """The layers' `Options` that `o` gives for `spec`: its plan resolved
+  over the model's linear layers (the one ModelOptions -> Options
+  conversion, shared by loading, random init and abstract steps)."""
+  plan = model_plan(spec, o.lora, o.quant, o.scan_layers)
   return Options(
     plan,
     o.dtype,
