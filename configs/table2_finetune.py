@@ -15,7 +15,7 @@ model and task (see the README).
 """
 
 from configs import minilm_docstrings
-from qlora_jax.engine.modes import overrides
+from qlora_jax.engine.recipes import overrides
 
 METHODS = {
   "Full fine-tune": overrides("full", {"opt.learning_rate": 1e-4}),

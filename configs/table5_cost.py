@@ -13,8 +13,8 @@ its median time. On 2 CPU cores: about 10 minutes. With real models the
 same measurement comes from any run's final_metrics.json.
 """
 
-from configs import minilm_docstrings
-from qlora_jax.engine.modes import overrides
+from configs import base
+from qlora_jax.engine.recipes import overrides
 
 METHODS = {
   "Full fine-tune f32": overrides("full"),
@@ -25,7 +25,7 @@ METHODS = {
 
 
 def get_config():
-  c = minilm_docstrings.get_config()
+  c = base.get_config()
   c.model.checkpoint = ""
   c.model.task = "causal_lm"
   c.model.scan_layers = True

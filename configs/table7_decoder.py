@@ -17,7 +17,7 @@ training and after the last step only. 21 runs, sized for about 2 hours on
 """
 
 from configs import default
-from qlora_jax.engine.modes import overrides
+from qlora_jax.engine.recipes import overrides
 
 METHODS = {
   "Full fine-tune": overrides("full", {"opt.learning_rate": 1e-4}),

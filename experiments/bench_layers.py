@@ -6,7 +6,7 @@ python -m experiments.bench_layers [--layers 8 --dim 4096 --rank 16]
 The engine's own train step (`qlora_jax.engine.steps`: forward, backward,
 AdamW on the trainable tree) over a stack of `layers` linear layers of dim
 x dim (`qlora_jax.bench.layers`), for each training mode of
-`qlora_jax.engine.modes`: full fine-tune f32, LoRA over a frozen f32 base,
+`qlora_jax.engine.recipes`: full fine-tune f32, LoRA over a frozen f32 base,
 LoRA over a frozen bf16 base, QLoRA nf4 + double quant. Reports XLA's
 compiled memory (arguments + temporaries + outputs - aliased), trainable
 parameters and the median step time, at 1x128 and 4x512 tokens, and the
@@ -19,7 +19,7 @@ from absl import app, flags
 
 from qlora_jax.bench import layers
 from qlora_jax.engine import console
-from qlora_jax.engine.modes import MODES
+from qlora_jax.engine.recipes import RECIPES as MODES
 
 _LAYERS = flags.DEFINE_integer("layers", 8, "Layers in the stack.")
 _DIM = flags.DEFINE_integer("dim", 4096, "Width of every layer.")

@@ -28,7 +28,7 @@ from qlora_jax import models
 from qlora_jax.bench import train as bench_train
 from qlora_jax.bench import workers
 from qlora_jax.engine import console
-from qlora_jax.engine.modes import MODES
+from qlora_jax.engine.recipes import RECIPES as MODES
 from qlora_jax.interop import gguf_convert
 
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per run.")

@@ -25,7 +25,7 @@ import sys
 
 from absl import app, flags
 
-from qlora_jax.engine import console, runs
+from qlora_jax.engine import console, export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _OUT = flags.DEFINE_string("out", None, "Folder to write.")
@@ -63,7 +63,7 @@ def _export() -> None:
   if _GGUF.value is not None:
     if _REQUANTIZE.value:
       raise app.UsageError("--requantize: not with --gguf (see --dtype)")
-    runs.export_gguf(
+    export.export_gguf(
       _WORKDIR.value,
       _GGUF.value,
       _DTYPE.value,
@@ -73,7 +73,7 @@ def _export() -> None:
   elif _DTYPE.value not in ("float32", "bfloat16"):
     raise app.UsageError(f"--dtype {_DTYPE.value}: only with --gguf")
   elif _MERGED.value:
-    runs.export_merged(
+    export.export_merged(
       _WORKDIR.value,
       _OUT.value,
       _DTYPE.value,
@@ -84,7 +84,7 @@ def _export() -> None:
   else:
     if _REQUANTIZE.value:
       raise app.UsageError("--requantize needs --merged")
-    runs.export_adapter(
+    export.export_adapter(
       _WORKDIR.value, _OUT.value, _STEP.value, overwrite=_OVERWRITE.value
     )
 

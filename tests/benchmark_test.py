@@ -46,7 +46,7 @@ def test_throughput_figures(checkpoint, mode):
 
 def test_layer_stack_bench_runs_the_engine_step_for_every_mode():
   from qlora_jax.bench import layers  # noqa: PLC0415
-  from qlora_jax.engine.modes import MODES  # noqa: PLC0415
+  from qlora_jax.engine.recipes import RECIPES as MODES  # noqa: PLC0415
 
   dim, n, rank = 128, 2, 4
   out = {

@@ -13,7 +13,7 @@ import pytest
 
 from qlora_jax import interop, models
 from qlora_jax import nn as qnn
-from qlora_jax.engine import runs, setup
+from qlora_jax.engine import export, restore, setup
 from tests import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(run):
-  return runs.restore(run)
+  return restore.restore(run)
 
 
 def _export(*args):
@@ -71,7 +71,7 @@ def test_merged_export_and_requantized_reload(run, restored, tmp_path):
   assert config["dtype"] == "bfloat16" and config["id2label"]
   assert (out / "tokenizer.json").is_file()
   requant = tmp_path / "requant"
-  runs.export_merged(run, requant, requantize=True)
+  export.export_merged(run, requant, requantize=True)
   merged, plan = interop.merge(restored.lm.variables, restored.lm.plan, True)
   model = interop.merged_model(restored.lm.model, plan)
   back = models.from_pretrained(requant, task="classification", num_labels=2)
@@ -86,7 +86,7 @@ def test_merged_export_and_requantized_reload(run, restored, tmp_path):
 
 def test_a_run_can_start_from_a_peft_adapter(run, restored, tmp_path):
   adapter = tmp_path / "adapter"
-  runs.export_adapter(run, adapter)
+  export.export_adapter(run, adapter)
   settings = dataclasses.replace(
     restored.settings,
     model=dataclasses.replace(restored.settings.model, adapter=str(adapter)),
@@ -99,4 +99,4 @@ def test_a_run_can_start_from_a_peft_adapter(run, restored, tmp_path):
 
 def test_bad_workdir(tmp_path):
   with pytest.raises(ValueError, match="no config.json"):
-    runs.restore(tmp_path)
+    restore.restore(tmp_path)

@@ -20,7 +20,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from qlora_jax import interop, models
-from qlora_jax.engine import runs, train
+from qlora_jax.engine import export, restore, train
 from qlora_jax.interop import gguf_export, hf_export, naming
 from tests import tiny_config
 from tests.interop_helpers import randomize
@@ -122,10 +122,10 @@ def gguf_run(tmp_path_factory):
 
 def test_run_export_cli_and_read_back(gguf_run, tmp_path):
   run, ckpt = gguf_run
-  restored = runs.restore(run)
+  restored = restore.restore(run)
   tensors, want = _merged(restored.lm)
   out = tmp_path / "float.gguf"
-  runs.export_gguf(run, out)
+  export.export_gguf(run, out)
   back = models.from_pretrained(out)
   np.testing.assert_array_equal(back.model.apply(back.variables, IDS), want)
   # The run's adapters changed the model: the export is not the base.
@@ -160,4 +160,4 @@ def test_run_over_a_folder_is_refused_before_restoring(tmp_path):
   config = tiny_config.get_config(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
   with pytest.raises(ValueError, match="GGUF export copies its metadata"):
-    runs.export_gguf(tmp_path, tmp_path / "x.gguf")
+    export.export_gguf(tmp_path, tmp_path / "x.gguf")

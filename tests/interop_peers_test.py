@@ -130,7 +130,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def smollm2_run(tmp_path_factory):
   from configs import default  # noqa: PLC0415
-  from qlora_jax.engine import runs, train  # noqa: PLC0415
+  from qlora_jax.engine import restore, train  # noqa: PLC0415
   from qlora_jax.interop import gguf_convert  # noqa: PLC0415
 
   config = default.get_config()
@@ -144,7 +144,7 @@ def smollm2_run(tmp_path_factory):
   work = tmp_path_factory.mktemp("smollm2")
   train.train_and_evaluate(config, str(work / "run"))
   folder = gguf_convert.convert(models.smollm2_path(), work / "hf")
-  restored = runs.restore(work / "run")
+  restored = restore.restore(work / "run")
   tok = models.gguf_tokenizer(models.smollm2_path()).tokenizer
   ids = [tok.encode(p).ids for p in PROMPTS]
   n = min(len(i) for i in ids)
@@ -156,10 +156,10 @@ def smollm2_run(tmp_path_factory):
 def test_peft_loads_a_smollm2_runs_adapter_over_the_converted_folder(
   smollm2_run,
 ):
-  from qlora_jax.engine import runs  # noqa: PLC0415
+  from qlora_jax.engine import export  # noqa: PLC0415
 
   work, folder, ids, ours = smollm2_run
-  runs.export_adapter(work / "run", work / "adapter")
+  export.export_adapter(work / "run", work / "adapter")
   model = peft.PeftModel.from_pretrained(_hf(folder), str(work / "adapter"))
   with torch.no_grad():
     theirs = model.eval()(torch.tensor(ids)).logits.numpy()
@@ -173,10 +173,10 @@ def test_peft_loads_a_smollm2_runs_adapter_over_the_converted_folder(
 
 
 def test_transformers_loads_a_smollm2_runs_gguf_export(smollm2_run):
-  from qlora_jax.engine import runs  # noqa: PLC0415
+  from qlora_jax.engine import export  # noqa: PLC0415
 
   work, _, ids, ours = smollm2_run
-  out = runs.export_gguf(work / "run", work / "gguf" / "merged.gguf")
+  out = export.export_gguf(work / "run", work / "gguf" / "merged.gguf")
   model = transformers.AutoModelForCausalLM.from_pretrained(
     str(out.parent),
     gguf_file=out.name,

@@ -15,9 +15,9 @@ from qlora_jax import nn as qnn
 from qlora_jax.engine import (
   memory,
   memory_check,
-  modes,
   optim,
   profiling,
+  recipes,
   steps,
 )
 
@@ -25,7 +25,7 @@ RANK = 8
 
 
 def _mode(mode: str):
-  lora, q, base, patterns = modes.plan_inputs(mode, RANK)
+  lora, q, base, patterns = recipes.plan_inputs(mode, RANK)
   return lora, q, jnp.dtype(base), patterns
 
 

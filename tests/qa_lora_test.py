@@ -22,7 +22,7 @@ from qlora_jax import interop, models, quant
 from qlora_jax import nn as qnn
 from qlora_jax.engine.settings import ConfigError, Settings
 from qlora_jax.interop import gguf_export, hf_export, naming
-from qlora_jax.models import gguf_reader
+from qlora_jax.models import gguf_q4_1
 from qlora_jax.nn import matmul
 from qlora_jax.quant import packing
 from tests import tiny_config
@@ -60,9 +60,9 @@ def test_blocks_of_32_are_the_gguf_quantizer_bit_for_bit(qtype, bits):
   np.testing.assert_array_equal(np.asarray(quant.dequantize(qt)), want)
   if qtype == Q.Q4_1:  # and the codes themselves, from the Q4_1 bytes
     raw = ref.reshape(x.shape[0], -1)
-    back = gguf_reader.q4_1_to_quantized(raw, x.shape, "x")
+    back = gguf_q4_1.q4_1_to_quantized(raw, x.shape, "x")
     np.testing.assert_array_equal(_codes(back), _codes(qt))
-    np.testing.assert_array_equal(gguf_reader.quantized_to_q4_1(qt), raw)
+    np.testing.assert_array_equal(gguf_q4_1.quantized_to_q4_1(qt), raw)
 
 
 @pytest.mark.parametrize("bits,block", [(2, 64), (3, 32), (8, 128)])
@@ -271,13 +271,13 @@ def _bytes(path, info) -> np.ndarray:
 def test_runs_recorded_before_lora_qa_still_read(tmp_path):
   # A config.json written before the field existed reads as qa = False,
   # and resuming that workdir with today's config sees no difference.
-  from qlora_jax.engine import runs, workdir  # noqa: PLC0415
+  from qlora_jax.engine import restore, workdir  # noqa: PLC0415
 
   config = Settings.from_config(tiny_config.get_config(str(tmp_path)))
   old = config.to_dict()
   del old["lora"]["qa"]
   (tmp_path / "config.json").write_text(json.dumps(old))
-  assert runs.read_settings(tmp_path) == config
+  assert restore.read_settings(tmp_path) == config
   workdir.check_config(tmp_path, config.to_dict(), allow_safe_changes=False)
   # A new config must still name the field.
   with pytest.raises(ConfigError, match="lora.qa: missing from the config"):

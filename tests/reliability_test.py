@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 from configs import default
 from qlora_jax import models
 from qlora_jax import nn as qnn
-from qlora_jax.engine import runs, train
+from qlora_jax.engine import export, train
 from qlora_jax.engine.metrics import read_metrics
 from qlora_jax.engine.settings import ConfigError, Settings
 from qlora_jax.engine.workdir import LOCK, WorkdirError
@@ -193,19 +193,19 @@ def test_exports_never_clobber(finished, tmp_path):
   (out / "model.safetensors.index.json").write_text("{}")  # a stale index
   (out / "notes.txt").write_text("mine")
   with pytest.raises(ValueError, match="not empty"):
-    runs.export_merged(finished, out)
+    export.export_merged(finished, out)
   assert (out / "model.safetensors.index.json").read_text() == "{}"
-  runs.export_merged(finished, out, overwrite=True)
+  export.export_merged(finished, out, overwrite=True)
   assert not (out / "model.safetensors.index.json").exists()
   assert (out / "model.safetensors").is_file()
   assert (out / "notes.txt").read_text() == "mine"  # not an export's file
   before = _hash(finished)
   with pytest.raises(ValueError, match="run's workdir"):
-    runs.export_adapter(finished, finished, overwrite=True)
+    export.export_adapter(finished, finished, overwrite=True)
   with pytest.raises(ValueError, match="base checkpoint's folder"):
-    runs.export_merged(finished, BERT, overwrite=True)
+    export.export_merged(finished, BERT, overwrite=True)
   with pytest.raises(ValueError, match="run's workdir"):
-    runs.export_merged(finished, finished.parent, overwrite=True)
+    export.export_merged(finished, finished.parent, overwrite=True)
   assert _hash(finished) == before
 
 

@@ -10,7 +10,7 @@ are then evaluated on the runs' held-out set:
   c  a merged and quantized again to NF4 + DQ (how 4-bit serving is done)
   d  the QA-LoRA adapter on its int4_asym base, as trained
   e  d merged exactly into int4_asym (block minimums; codes kept)
-  f  e exported as a Q4_1 GGUF file (`runs.export_gguf`) and read back
+  f  e exported as a Q4_1 GGUF file (`export.export_gguf`) and read back
 
 Columns: generated-answer accuracy and eval loss (the engine's measures),
 the largest |logit| difference from the row each was made from over the
@@ -33,7 +33,7 @@ from ml_collections import config_dict
 from qlora_jax import data, interop, models
 from qlora_jax import nn as qnn
 from qlora_jax.ablations import results, sweep
-from qlora_jax.engine import answers, losses, runs, setup
+from qlora_jax.engine import answers, export, losses, restore, setup
 
 ROWS = {  # row: (what it is, the row it is made from)
   "a": ("QLoRA NF4+DQ, adapter on base", None),
@@ -114,18 +114,18 @@ def _variants(workdir: pathlib.Path, runs_dir: dict[str, pathlib.Path]):
   """{row: () -> (model, variables)} built lazily from the trained runs."""
 
   def trained(name):
-    run = runs.restore(runs_dir[name])
+    run = restore.restore(runs_dir[name])
     return run.lm.model, run.lm.variables
 
   def merged(name, requantize):
-    run = runs.restore(runs_dir[name])
+    run = restore.restore(runs_dir[name])
     variables, plan = interop.merge(run.lm.variables, run.lm.plan, requantize)
     return interop.merged_model(run.lm.model, plan), variables
 
   def f():
     out = workdir / "qa_lora_merged.gguf"
-    runs.export_gguf(runs_dir["qa_lora"], out, overwrite=True)
-    settings = runs.read_settings(runs_dir["qa_lora"])
+    export.export_gguf(runs_dir["qa_lora"], out, overwrite=True)
+    settings = restore.read_settings(runs_dir["qa_lora"])
     lm = models.from_pretrained(
       out,
       quant=settings.quant_plan(),
@@ -193,7 +193,7 @@ def run_seed(
   done = {(r["seed"], r["row"]) for r in _read_rows(path)}
   if all((seed, row) in done for row in ROWS):
     return [r for r in _read_rows(path) if r["seed"] == seed]
-  settings = runs.read_settings(runs_dir["qlora"])
+  settings = restore.read_settings(runs_dir["qlora"])
   tokenizer = setup.load_tokenizer(
     setup.resolve_checkpoint(settings.model.checkpoint)
   )

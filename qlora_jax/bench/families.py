@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from qlora_jax import models
-from qlora_jax.engine import memory, modes
+from qlora_jax.engine import memory, recipes
 from qlora_jax.engine.memory import GiB
 
 # Llama-family shapes (vocabulary 32,000, untied head): Llama-2 7B / 13B,
@@ -46,15 +46,15 @@ def family_config_dict(name: str) -> dict[str, Any]:
   }
 
 
-MODES = tuple(modes.MODES)  # full, lora_f32, lora_bf16, qlora_nf4_dq
+MODES = tuple(recipes.RECIPES)  # full, lora_f32, lora_bf16, qlora_nf4_dq
 
 
 def estimate_mode(
   config, mode: str, *, rank: int, batch: int, seq: int, **kw
 ) -> memory.Breakdown:
-  """`memory.estimate` for one of `engine.modes.MODES` with LoRA of `rank` on
-  every linear layer."""
-  lora, quant_plan, base_dtype, patterns = modes.plan_inputs(mode, rank)
+  """`memory.estimate` for one of `engine.recipes.RECIPES` with LoRA of
+  `rank` on every linear layer."""
+  lora, quant_plan, base_dtype, patterns = recipes.plan_inputs(mode, rank)
   return memory.estimate(
     config,
     lora=lora,
@@ -100,7 +100,7 @@ def plan_table(
         dtype=dtype,
         platform=platform,
       )
-      adapters = modes.plan_inputs(m, rank)[0] is not None
+      adapters = recipes.plan_inputs(m, rank)[0] is not None
       params = p.params - (p.trainable_params if adapters else 0)
       fits = p.total <= device_memory
       sizes[name] = params

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from qlora_jax import nn as qnn
-from qlora_jax.engine import modes, profiling, sharding, steps
+from qlora_jax.engine import profiling, recipes, sharding, steps
 from qlora_jax.engine.settings import CLASSIFICATION
 
 VOCAB = 64
@@ -90,7 +90,7 @@ def linear_paths(scan: bool, layers: int) -> list[str]:
 
 def mode_inputs(mode: str, rank: int):
   """(lora, quant, base dtype, train patterns) of a training mode."""
-  lora, quant, base_dtype, patterns = modes.plan_inputs(mode, rank)
+  lora, quant, base_dtype, patterns = recipes.plan_inputs(mode, rank)
   return lora, quant, jnp.dtype(base_dtype), patterns
 
 

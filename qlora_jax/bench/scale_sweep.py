@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from qlora_jax import models
 from qlora_jax.bench import families, scale, workers
-from qlora_jax.engine import memory, memory_check, modes
+from qlora_jax.engine import memory, memory_check, recipes
 
 GiB = 2**30
 # Resident memory of a process before it loads anything (python, jax or
@@ -61,7 +61,7 @@ def predicted(sweep: Sweep, shape: str, mode: str) -> memory.Breakdown:
   """The memory model's figure for one run of the sweep."""
   config = models.from_dict(families.family_config_dict(shape))
   dtype = jnp.bfloat16 if mode == "lora_bf16" else jnp.float32
-  lora, quant_plan, _, patterns = modes.plan_inputs(mode, sweep.rank)
+  lora, quant_plan, _, patterns = recipes.plan_inputs(mode, sweep.rank)
   base_dtype, embed_dtype = scale.frozen_dtypes(mode, sweep.rank)
   return memory.estimate(
     config,

@@ -16,7 +16,7 @@ from qlora_jax import models
 from qlora_jax import nn as qnn
 from qlora_jax.bench.layers import mode_inputs
 from qlora_jax.engine import profiling, steps
-from qlora_jax.engine.modes import MODES
+from qlora_jax.engine.recipes import RECIPES as MODES
 
 
 def llama_config(

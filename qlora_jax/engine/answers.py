@@ -125,11 +125,14 @@ def accuracy(predicted: Sequence[str], answers: Sequence[str]) -> float:
   return sum(same_answer(p, a) for p, a in pairs) / max(len(answers), 1)
 
 
-def evaluate(model, params, frozen, prompts, tokenizer, batch_size, new):
-  """(accuracy, answers) of the model with trainable `params`."""
+def evaluate(
+  model, params, frozen, prompts, tokenizer, batch_size, max_new_tokens
+):
+  """(accuracy, answers) of the model with trainable `params`, each answer
+  generated greedily up to `max_new_tokens`."""
   variables = qnn.merge_trees(params, frozen)
   predicted = generate_answers(
-    model, variables, prompts, tokenizer, batch_size, new
+    model, variables, prompts, tokenizer, batch_size, max_new_tokens
   )
   return accuracy(predicted, prompts.answers), predicted
 

@@ -9,7 +9,6 @@ given and drops orbax's records below WARNING in any case.
 """
 
 import dataclasses
-import json
 import logging as std_logging
 import pathlib
 import sys
@@ -103,16 +102,6 @@ def _layer_counts(base, plan: qnn.Plan) -> tuple[int, int]:
   return adapted, quantized
 
 
-def base_record(s: Settings) -> dict:
-  """What the frozen base of a run is made of (saved with checkpoints)."""
-  return {
-    "checkpoint": s.model.checkpoint or "random init",
-    "quant": s.quant.data_type,
-    "block_size": s.quant.block_size,
-    "double_quant": s.quant.double_quant,
-  }
-
-
 def _quant_text(s: Settings) -> str:
   if s.quant_plan() is None:
     return "float (no quantization)"
@@ -176,14 +165,6 @@ def pipeline_summary(
   return Summary(lines, numbers)
 
 
-def write_plan(path: pathlib.Path, lines: list[str]) -> None:
-  """The per-layer plan (`qlora_jax.nn.plan_lines`) as text, also logged
-  at `-v 1`."""
-  for line in lines:
-    logging.debug("%s", line)
-  path.write_text("\n".join(lines) + "\n")
-
-
 def show_summary(summary: Summary) -> None:
   for line in summary.lines:
     say(line)
@@ -209,16 +190,6 @@ def eval_line(step: int, total: int, train_loss: float | None, m: dict):
     f"{step:>5}/{total:<4} {train:>11} {m['loss']:>10.4f} "
     f"{m['accuracy']:>9.4f}{extra}"
   )
-
-
-def write_answers(path: pathlib.Path, prompts, said: list[str]) -> None:
-  """predictions.jsonl of a run that answers by generation."""
-  with path.open("w") as f:
-    for text, answer, got in zip(
-      prompts.texts, prompts.answers, said, strict=True
-    ):
-      record = {"prompt": text, "answer": answer, "generated": got}
-      f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def show_answers(prompts, said: list[str], shown: int) -> None:
@@ -274,22 +245,6 @@ class Progress:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
-
-
-def write_predictions(path: pathlib.Path, run_data, predictions) -> None:
-  names = run_data.label_map.names if run_data.label_map else None
-  labels = np.asarray(run_data.eval["labels"])
-  with path.open("w") as f:
-    for i, (pred, prob) in enumerate(
-      zip(predictions["predicted"], predictions["probability"], strict=True)
-    ):
-      record = {
-        "text": run_data.eval_texts[i],
-        "label": names[int(labels[i])] if names else int(labels[i]),
-        "predicted": names[int(pred)] if names else int(pred),
-        "probability": float(prob),
-      }
-      f.write(json.dumps(record) + "\n")
 
 
 def show_predictions(run_data, predictions, shown: int) -> None:

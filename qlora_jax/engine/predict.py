@@ -1,7 +1,7 @@
 """Predictions of a trained run: labels for texts, completions for prompts.
 
 The model is rebuilt from the run's config.json with the trainable tree of
-a checkpoint (`engine.runs.restore`), and texts are encoded exactly as
+a checkpoint (`engine.restore.restore`), and texts are encoded exactly as
 training encoded them: a classification text truncated to
 `data.max_length` with the tokenizer's special tokens; a prompt as the
 tokenizer's prefix specials and the prompt's own tokens (what precedes the
@@ -24,7 +24,7 @@ import numpy as np
 from qlora_jax.data import arrays
 from qlora_jax.data.readers import read_records
 from qlora_jax.data.tokenizer import Tokenizer
-from qlora_jax.engine import losses, runs
+from qlora_jax.engine import losses, restore
 from qlora_jax.engine.settings import CAUSAL_LM, CLASSIFICATION
 from qlora_jax.models import generation
 
@@ -41,7 +41,7 @@ class Predictor:
     label_names: label of each class id (classification), else None.
   """
 
-  run: runs.Run
+  run: restore.Restored
   tokenizer: Tokenizer
   task: str
   max_length: int
@@ -50,7 +50,7 @@ class Predictor:
 
 def load(workdir: str | os.PathLike, step: int | None = None) -> Predictor:
   """The run in `workdir` at checkpoint `step` (the latest by default)."""
-  run = runs.restore(workdir, step)
+  run = restore.restore(workdir, step)
   tokenizer = run.tokenizer
   if tokenizer is None:
     raise ValueError(

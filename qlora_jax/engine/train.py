@@ -63,7 +63,7 @@ def _init_distributed(s: Settings) -> None:
 
 
 @dataclasses.dataclass
-class Run:
+class Loop:
   """Everything the loop needs, built once (`_set_up`)."""
 
   settings: Settings
@@ -96,7 +96,7 @@ def _schedule_numbers(s: Settings, steps_per_epoch: int) -> tuple[int, int]:
   return total, eval_every
 
 
-def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Run:
+def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Loop:
   """Mesh, data, model, optimizer, sharded state and the jitted steps."""
   t = s.train
   mesh = sharding.make_mesh(s.mesh.data, s.mesh.fsdp)
@@ -145,7 +145,7 @@ def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Run:
       run_data.tokenizer,
       s.data.max_length,
     )
-  return Run(
+  return Loop(
     s,
     workdir,
     mesh,
@@ -195,7 +195,7 @@ def _warn_if_it_cannot_learn(s: Settings, trainable, run_data) -> None:
     console.say(f"WARNING: {problem}")
 
 
-def _restore(run: Run, checkpoints: Checkpoints) -> tuple[int | None, dict]:
+def _restore(run: Loop, checkpoints: Checkpoints) -> tuple[int | None, dict]:
   """Resumes from the newest checkpoint that reads, if any: (its step,
   epoch sums). One that fails to read is reported by path and skipped."""
   for step in sorted(checkpoints.all_steps(), reverse=True):
@@ -277,7 +277,7 @@ def train_and_evaluate(
     lock.release()
 
 
-def _record(run: Run) -> None:
+def _record(run: Loop) -> None:
   """The run's config, plan and labels in its workdir, once its setup has
   succeeded (a config that fails to set up leaves no record behind)."""
   if jax.process_index() != 0:
@@ -285,7 +285,7 @@ def _record(run: Run) -> None:
   workdir = run.workdir
   config = json.dumps(run.settings.to_dict(), indent=2)
   run_dir.write_atomic(workdir / run_dir.CONFIG, config)
-  console.write_plan(workdir / "plan.txt", run.plan_lines)
+  run_dir.write_plan(workdir / "plan.txt", run.plan_lines)
   label_map = run.run_data.label_map
   if label_map is not None:
     labels = json.dumps(label_map.to_dict(), indent=2, ensure_ascii=False)
@@ -305,7 +305,7 @@ def _train(
     "label_map": (
       run.run_data.label_map.to_dict() if run.run_data.label_map else None
     ),
-    "base": console.base_record(s),
+    "base": run_dir.base_record(s),
   }
   t = s.train
   writer = MetricsWriter(workdir)
@@ -368,7 +368,7 @@ def _train(
   return dict(eval_metrics)
 
 
-def evaluate(run: Run) -> tuple[dict[str, float], dict[str, list]]:
+def evaluate(run: Loop) -> tuple[dict[str, float], dict[str, list]]:
   """Exact metrics over every eval example, and per-example predictions."""
   it = data.EvalIterator(
     run.run_data.eval,
@@ -409,7 +409,7 @@ def _global_rows(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _finish(run: Run, eval_metrics, predictions) -> None:
+def _finish(run: Loop, eval_metrics, predictions) -> None:
   """Curves, predictions and final metrics on disk; the report's end."""
   workdir, task = run.workdir, run.task
   records = read_metrics(workdir / "metrics.jsonl")
@@ -417,7 +417,7 @@ def _finish(run: Run, eval_metrics, predictions) -> None:
   if jax.process_index() == 0:
     plot_curves(records, workdir / "curves.png")
     if classified:
-      console.write_predictions(
+      run_dir.write_predictions(
         workdir / "predictions.jsonl", run.run_data, predictions
       )
     run_dir.write_atomic(
@@ -429,7 +429,7 @@ def _finish(run: Run, eval_metrics, predictions) -> None:
     console.show_predictions(run.run_data, predictions, shown)
   if run.prompts is not None:
     if jax.process_index() == 0:
-      console.write_answers(
+      run_dir.write_answers(
         workdir / "predictions.jsonl", run.prompts, predictions["answers"]
       )
     if shown:

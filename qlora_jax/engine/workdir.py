@@ -17,9 +17,10 @@ import socket
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 from absl import logging
 
-from qlora_jax.engine.settings import recorded
+from qlora_jax.engine.settings import Settings, recorded
 
 CONFIG = "config.json"
 LOCK = "run.lock"
@@ -181,3 +182,57 @@ class Lock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+# What a run writes beside its config: each file whole or not at all.
+
+
+def base_record(s: Settings) -> dict:
+  """What the frozen base of a run is made of (saved with checkpoints)."""
+  return {
+    "checkpoint": s.model.checkpoint or "random init",
+    "quant": s.quant.data_type,
+    "block_size": s.quant.block_size,
+    "double_quant": s.quant.double_quant,
+  }
+
+
+def write_plan(path: pathlib.Path, lines: list[str]) -> None:
+  """The per-layer plan (`qlora_jax.nn.plan_lines`) as text, also logged
+  at `-v 1`."""
+  for line in lines:
+    logging.debug("%s", line)
+  write_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_answers(path: pathlib.Path, prompts, said: list[str]) -> None:
+  """predictions.jsonl of a run that answers by generation."""
+  records = [
+    {"prompt": text, "answer": answer, "generated": got}
+    for text, answer, got in zip(
+      prompts.texts, prompts.answers, said, strict=True
+    )
+  ]
+  write_atomic(path, "".join(_jsonl(r, False) for r in records))
+
+
+def write_predictions(path: pathlib.Path, run_data, predictions) -> None:
+  """predictions.jsonl of a classifier: text, label, predicted, probability."""
+  names = run_data.label_map.names if run_data.label_map else None
+  labels = np.asarray(run_data.eval["labels"])
+  lines = []
+  for i, (pred, prob) in enumerate(
+    zip(predictions["predicted"], predictions["probability"], strict=True)
+  ):
+    record = {
+      "text": run_data.eval_texts[i],
+      "label": names[int(labels[i])] if names else int(labels[i]),
+      "predicted": names[int(pred)] if names else int(pred),
+      "probability": float(prob),
+    }
+    lines.append(_jsonl(record, True))
+  write_atomic(path, "".join(lines))
+
+
+def _jsonl(record: dict, ascii_only: bool) -> str:
+  return json.dumps(record, ensure_ascii=ascii_only) + "\n"

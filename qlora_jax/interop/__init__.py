@@ -1,7 +1,7 @@
 """Interop with PEFT and transformers: adapters out and in, merged models out.
 
 Format conversion only: imports `quant`, `nn`, `models` (and `data`), never
-the engine (a training run's export is `qlora_jax.engine.runs`).
+the engine (a training run's export is `qlora_jax.engine.export`).
 """
 
 from qlora_jax.interop.hf_export import merge, merged_model, write_merged

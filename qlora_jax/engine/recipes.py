@@ -1,6 +1,7 @@
-"""The training modes that benchmarks and tables compare, as config overrides.
+"""The training recipes that benchmarks and tables compare, as config
+overrides (a table's "mode" column; not `train.mode`).
 
-Each mode is a dict of dotted overrides of a run's config (as a sweep
+Each recipe is a dict of dotted overrides of a run's config (as a sweep
 point gives them): full fine-tuning, LoRA over a float32 or a bfloat16
 frozen base, and QLoRA over an NF4 + double-quantized base. A table adds
 what it varies beyond the mode (a learning rate, a compute dtype).
@@ -11,7 +12,7 @@ from typing import Any
 
 from qlora_jax import nn as qnn
 
-MODES: dict[str, dict[str, Any]] = {
+RECIPES: dict[str, dict[str, Any]] = {
   "full": {
     "train.mode": "full",
     "quant.data_type": "none",
@@ -25,9 +26,9 @@ MODES: dict[str, dict[str, Any]] = {
 
 def overrides(mode: str, extra: Mapping[str, Any] | None = None) -> dict:
   """The dotted overrides of `mode`, followed by `extra`'s."""
-  if mode not in MODES:
-    raise ValueError(f"unknown mode {mode!r}, expected one of {list(MODES)}")
-  return {**MODES[mode], **(extra or {})}
+  if mode not in RECIPES:
+    raise ValueError(f"unknown mode {mode!r}, expected one of {list(RECIPES)}")
+  return {**RECIPES[mode], **(extra or {})}
 
 
 def plan_inputs(mode: str, rank: int) -> tuple:
