@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qlora_jax import models
-from qlora_jax.bench import scale
+from qlora_jax.bench import scale, scale_sweep
 from qlora_jax.models.safetensors_reader import Checkpoint, CheckpointError
 
 TINY = {
@@ -259,7 +259,7 @@ def test_summary_ratios_and_plot(tmp_path):
     "7b_peft_bnb_qlora_nf4_dq",
     "13b_qlora_jax_qlora_nf4_dq",
   )
-  assert scale.summary(runs) == {
+  assert scale_sweep.summary(runs) == {
     f"{ours7}_train_peak_gib": 6.0,
     f"{ours7}_load_peak_gib": 4.0,
     f"{ours7}_load_s": 30.0,
@@ -284,7 +284,7 @@ def test_summary_ratios_and_plot(tmp_path):
     "7b_qlora_nf4_dq_train_peak_ratio": 0.2,  # 6 GiB / 30 GiB
     "7b_qlora_nf4_dq_tokens_per_s_ratio": 1.5,  # 3 / 2 tokens/s
   }
-  scale.plot_growth(runs, tmp_path / "g.png")
+  scale_sweep.plot_growth(runs, tmp_path / "g.png")
   png = (tmp_path / "g.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
   size = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")

@@ -135,7 +135,7 @@ def run(
   sweep: Sweep, module: str, report: Callable[[str], None]
 ) -> dict[str, Any]:
   """Runs what the sweep lacks, each in a worker of `module`; `report`
-  gets a line per run. Returns `scale.summary` of every run done."""
+  gets a line per run. Returns `summary` of every run done."""
   sweep.out.mkdir(parents=True, exist_ok=True)
   runs_file = sweep.out / "runs.jsonl"
   done = read_done(sweep)
@@ -194,7 +194,119 @@ def run(
         report(f"{what} {line(r)}")
     if sweep.remove_checkpoints and isinstance(folder, pathlib.Path):
       shutil.rmtree(folder)
-  scale.plot_growth(
+  plot_growth(
     list(done.values()), sweep.out / "growth.png", sweep.batch, sweep.seq, ram
   )
-  return scale.summary(list(done.values()))
+  return summary(list(done.values()))
+
+
+def _params(shape: str) -> float:
+  f = families.FAMILY[shape]
+  h, inter, layers = f["hidden"], f["mlp"], f["layers"]
+  kv = f["kv"] * h // f["heads"]
+  per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+  return layers * per_layer + 2 * families.VOCAB * h + h
+
+
+def summary(runs: list[dict]) -> dict[str, Any]:
+  """The figures of bench_scale's last line: per run, peak RSS against the
+  prediction, tokens/s; at 7B, ours over PEFT + bitsandbytes'."""
+  out: dict[str, Any] = {}
+  by = {(r["shape"], r["impl"], r["mode"]): r for r in runs}
+  for (shape, impl, mode), r in sorted(by.items()):
+    key = f"{shape}_{impl}_{mode}"
+    if "skipped" in r:
+      out[f"{key}_skipped_predicted_gib"] = round(
+        r["predicted_rss_bytes"] / 2**30, 2
+      )
+      continue
+    if "error" in r:
+      out[f"{key}_failed"] = True
+      continue
+    peak = r["train_peak_rss_bytes"]
+    out[f"{key}_train_peak_gib"] = round(peak / 2**30, 3)
+    out[f"{key}_load_peak_gib"] = round(r["load_peak_rss_bytes"] / 2**30, 3)
+    out[f"{key}_load_s"] = round(r["load_s"], 1)
+    out[f"{key}_tokens_per_s"] = round(r["tokens_per_s"], 2)
+    out[f"{key}_finite"] = r["finite"]
+    # The prediction: the memory model's step plus the process's measured
+    # resident size before loading (python, jax, the compiled step).
+    if impl == "qlora_jax":  # the model predicts our step, not PEFT's
+      want = r.get("predicted_step_bytes", 0) + r.get("runtime_rss_bytes", 0)
+      want = want or r["predicted_rss_bytes"]
+      out[f"{key}_peak_over_predicted"] = round(peak / want, 3)
+  for mode in ("qlora_nf4_dq", "lora_bf16"):
+    ours, peer = (
+      by.get(("7b", "qlora_jax", mode)),
+      by.get(("7b", "peft_bnb", mode)),
+    )
+    if ours and peer and "step_s" in ours and "step_s" in peer:
+      out[f"7b_{mode}_load_time_ratio"] = round(
+        ours["load_s"] / peer["load_s"], 3
+      )
+      out[f"7b_{mode}_load_peak_ratio"] = round(
+        ours["load_peak_rss_bytes"] / peer["load_peak_rss_bytes"], 3
+      )
+      out[f"7b_{mode}_train_peak_ratio"] = round(
+        ours["train_peak_rss_bytes"] / peer["train_peak_rss_bytes"], 3
+      )
+      out[f"7b_{mode}_tokens_per_s_ratio"] = round(
+        ours["tokens_per_s"] / peer["tokens_per_s"], 3
+      )
+  return out
+
+
+def plot_growth(
+  runs: list[dict],
+  path: pathlib.Path,
+  batch: int = 1,
+  seq: int = 256,
+  machine_bytes: int | None = None,
+) -> None:
+  """Peak training RSS and step time against parameters, per (impl, mode),
+  with the memory model's prediction as dashed lines."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+  series: dict[tuple[str, str], list] = {}
+  predicted: dict[str, list] = {}
+  for r in runs:
+    x = _params(r["shape"]) / 1e9
+    if r["impl"] == "qlora_jax":
+      predicted.setdefault(r["mode"], []).append(
+        (x, r["predicted_rss_bytes"] / 2**30)
+      )
+    if "train_peak_rss_bytes" in r:
+      series.setdefault((r["impl"], r["mode"]), []).append(
+        (x, r["train_peak_rss_bytes"] / 2**30, r["step_s"])
+      )
+  for (impl, mode), pts in sorted(series.items()):
+    pts.sort()
+    style = "o-" if impl == "qlora_jax" else "s:"
+    label = f"{'ours' if impl == 'qlora_jax' else 'PEFT+bnb'} {mode}"
+    ax_m.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax_t.plot([p[0] for p in pts], [p[2] for p in pts], style, label=label)
+  for mode, pts in sorted(predicted.items()):
+    pts.sort()
+    ax_m.plot(
+      [p[0] for p in pts],
+      [p[1] for p in pts],
+      "--",
+      alpha=0.5,
+      label=f"memory model {mode}",
+    )
+  if machine_bytes:
+    ax_m.axhline(machine_bytes / 2**30, color="k", lw=0.8, label="this machine")
+  ax_m.set_yscale("log")
+  ax_m.set(xlabel="parameters (B)", ylabel="peak RSS while training (GiB)")
+  ax_t.set(
+    xlabel="parameters (B)", ylabel=f"step time (s), batch {batch} x {seq}"
+  )
+  ax_m.legend(fontsize=7)
+  ax_t.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -16,8 +16,6 @@ checkpoints and the console take these typed values.
 
 import dataclasses
 import re
-import types
-import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 
 from qlora_jax import nn as qnn
 from qlora_jax.engine.optim import OptSettings
+from qlora_jax.engine.typed_config import ConfigError, plain, read_section
 from qlora_jax.nn import KERNELS
 from qlora_jax.quant import SpecError
 
@@ -46,10 +45,6 @@ DTYPES = {
   "float16": jnp.float16,
 }
 TEXT_SPLITS = ("paragraph", "line")
-
-
-class ConfigError(ValueError):
-  """Config fields that are missing, unknown, mistyped or out of range."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,18 +183,20 @@ class Settings:
     Raises:
       ConfigError: one line per bad field, each naming it.
     """
-    plain = _plain(config)
+    plain_config = plain(config)
     errors: list[str] = []
-    if not isinstance(plain, Mapping):
-      raise ConfigError(f"config: expected a mapping, got {type(plain)}")
-    for name in sorted(set(plain) - set(_SECTIONS)):
+    if not isinstance(plain_config, Mapping):
+      raise ConfigError(f"config: expected a mapping, got {type(plain_config)}")
+    for name in sorted(set(plain_config) - set(_SECTIONS)):
       errors.append(f"{name}: unknown config section")
     sections = {}
     for name, kind in _SECTIONS.items():
-      if name not in plain or not isinstance(plain[name], Mapping):
+      if name not in plain_config or not isinstance(
+        plain_config[name], Mapping
+      ):
         errors.append(f"{name}: missing config section")
         continue
-      section = _read_section(name, kind, plain[name], errors)
+      section = read_section(name, kind, plain_config[name], errors)
       if section is not None:
         sections[name] = section
     targets = _targets(sections, errors)
@@ -386,81 +383,3 @@ def _check(
         bad(f"mesh.{field}", f"must be -1 or >= 1, got {value}")
     if mesh.data == -1 and mesh.fsdp == -1:
       bad("mesh", "only one of mesh.data and mesh.fsdp may be -1")
-
-
-def _plain(cfg: Any) -> Any:
-  """ConfigDict / FrozenConfigDict -> plain dicts and lists."""
-  if hasattr(cfg, "to_dict"):
-    cfg = cfg.to_dict()
-  if isinstance(cfg, Mapping):
-    return {k: _plain(v) for k, v in cfg.items()}
-  if isinstance(cfg, (list, tuple)):
-    return [_plain(v) for v in cfg]
-  return cfg
-
-
-def _read_section(name: str, kind, values: Mapping, errors: list[str]):
-  hints = typing.get_type_hints(kind)
-  fields = [f.name for f in dataclasses.fields(kind)]
-  for key in sorted(set(values) - set(fields)):
-    errors.append(f"{name}.{key}: unknown config field")
-  out = {}
-  for field in fields:
-    where = f"{name}.{field}"
-    if field not in values:
-      errors.append(f"{where}: missing from the config")
-      continue
-    try:
-      out[field] = _coerce(values[field], hints[field], where)
-    except ConfigError as e:
-      errors.append(str(e))
-  if len(out) != len(fields):
-    return None
-  try:
-    return kind(**out)
-  except SpecError as e:
-    errors.append(f"{name}.{e.field}: {e.reason}")
-    return None
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-  """`value` as type `hint`; ints must be whole, bools real bools."""
-  if isinstance(hint, types.UnionType):
-    kinds = typing.get_args(hint)
-    if value is None and type(None) in kinds:
-      return None
-    last = None
-    for kind in kinds:
-      if kind is type(None):
-        continue
-      try:
-        return _coerce(value, kind, where)
-      except ConfigError as e:
-        last = e
-    raise last
-  if hint is bool:
-    if isinstance(value, bool):
-      return value
-  elif hint is int:
-    if isinstance(value, int) and not isinstance(value, bool):
-      return value
-    if isinstance(value, float) and value.is_integer():
-      return int(value)
-    if isinstance(value, float):
-      raise ConfigError(f"{where}: expected a whole number, got {value!r}")
-  elif hint is float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-  elif hint is str:
-    if isinstance(value, str):
-      return value
-  elif hint is list:
-    if isinstance(value, (list, tuple)):
-      return list(value)
-  elif hint is dict:
-    if isinstance(value, Mapping):
-      return dict(value)
-  name = getattr(hint, "__name__", str(hint))
-  raise ConfigError(
-    f"{where}: expected {name}, got {type(value).__name__} {value!r}"
-  )
