@@ -9,7 +9,7 @@ file that llama.cpp, transformers (`gguf_file=`) and our own reader load:
   key by key with its stored types; `general.file_type` gives the type
   most matrices have;
 - tensors under llama.cpp's names, q/k rows put back in llama.cpp's rotary
-  order (`gguf_reader.permute_rows`);
+  order (`gguf_layout.permute_rows`);
 - matrices in the chosen type: F32, F16, BF16 or Q8_0 (converted by the
   `gguf` package's own NumPy quantizer, as llama.cpp's converter does);
   norms and biases in F32, as llama.cpp keeps them;
@@ -36,7 +36,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGUFValueType
 from gguf.constants import GGMLQuantizationType as Q
 
 from qlora_jax import quant
-from qlora_jax.models import gguf_reader
+from qlora_jax.models import gguf_layout, gguf_q4_1, gguf_reader
 
 TYPES = {"float32": Q.F32, "float16": Q.F16, "bfloat16": Q.BF16, "q8_0": Q.Q8_0}
 # llama.cpp's LlamaFileType of a file whose matrices are mostly of a type.
@@ -95,7 +95,7 @@ def _encode(value, qtype: Q, heads: int | None) -> np.ndarray:
   else:
     data = gguf.quants.quantize(np.asarray(value, np.float32), qtype)
   if heads:
-    data = gguf_reader.permute_rows(data, heads)
+    data = gguf_layout.permute_rows(data, heads)
   return np.ascontiguousarray(data)
 
 
@@ -133,16 +133,16 @@ def write_gguf(
   plan = []  # (gguf name, value, stored type, heads)
   for key, value in tensors.items():
     if isinstance(value, quant.QuantizedTensor):
-      if value.spec == gguf_reader.Q4_1_SPEC and value.ndim == 2:
-        raw = gguf_reader.quantized_to_q4_1(value)
+      if value.spec == gguf_q4_1.Q4_1_SPEC and value.ndim == 2:
+        raw = gguf_q4_1.quantized_to_q4_1(value)
         value = RawTensor(Q.Q4_1, raw, tuple(value.shape))
       else:
         value = np.asarray(quant.dequantize(value, np.float32))
     try:
-      name = gguf_reader.gguf_name(key)
+      name = gguf_layout.gguf_name(key)
     except KeyError as e:
       raise ValueError(str(e.args[0])) from None
-    want = gguf_reader.expected_shape(key, config)
+    want = gguf_layout.expected_shape(key, config)
     if want is not None and tuple(value.shape) != want:
       raise ValueError(
         f"tensor {key!r} has shape {tuple(value.shape)}, but {base} "
@@ -150,7 +150,7 @@ def write_gguf(
       )
     kind = _stored_type(key, value, qtype)
     plan.append(
-      (name, value, kind, gguf_reader.permuted_heads(arch, key, config))
+      (name, value, kind, gguf_layout.permuted_heads(arch, key, config))
     )
   matrices = collections.Counter(k for _, v, k, _ in plan if len(v.shape) == 2)
   path = pathlib.Path(path)

@@ -9,48 +9,26 @@ dimensions listed innermost first and most of them block-quantized.
 and k_proj (weights and biases) for its rotary layout (`LlamaModel.permute`
 in convert_hf_to_gguf.py); `read` puts them back, so the values equal the
 Hugging Face checkpoint's up to quantization. `qwen2` is stored unpermuted.
+Names, shapes and row order are `gguf_layout`'s; `gguf_q4_1` decodes Q4_1
+matrices without requantization.
 """
 
 import dataclasses
 import functools
 import pathlib
-import re
 import types
 from collections.abc import Mapping
 from typing import Any
 
 import gguf
-import jax.numpy as jnp
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qlora_jax import quant
+from qlora_jax.models import gguf_layout
+from qlora_jax.models.gguf_q4_1 import Q4_1_SPEC, q4_1_to_quantized
 from qlora_jax.models.safetensors_reader import CheckpointError
 
-# GGML's Q4_1 is our int4_asym in blocks of 32 (float16 d and m).
-Q4_1_SPEC = quant.QuantSpec("int4_asym", 32, False)
-
-# general.architecture -> (model_type, transformers class, q/k permuted).
-ARCHITECTURES = {
-  "llama": ("llama", "LlamaForCausalLM", True),
-  "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
-}
-_TOP_NAMES = {
-  "token_embd.weight": "model.embed_tokens.weight",
-  "output_norm.weight": "model.norm.weight",
-  "output.weight": "lm_head.weight",
-}
-_BLOCK_NAMES = {
-  "attn_q": "self_attn.q_proj",
-  "attn_k": "self_attn.k_proj",
-  "attn_v": "self_attn.v_proj",
-  "attn_output": "self_attn.o_proj",
-  "ffn_gate": "mlp.gate_proj",
-  "ffn_up": "mlp.up_proj",
-  "ffn_down": "mlp.down_proj",
-  "attn_norm": "input_layernorm",
-  "ffn_norm": "post_attention_layernorm",
-}
 _CHUNK = 1 << 20  # elements dequantized (and checked) at a time
 
 
@@ -93,10 +71,10 @@ class GGUFFile:
   def architecture(self) -> str:
     """`general.architecture`, checked to be supported."""
     arch = self.get("general.architecture", str)
-    if arch not in ARCHITECTURES:
+    if arch not in gguf_layout.ARCHITECTURES:
       raise CheckpointError(
         f"{self.path}: metadata key 'general.architecture' is {arch!r}: "
-        f"supported architectures are {sorted(ARCHITECTURES)}"
+        f"supported architectures are {sorted(gguf_layout.ARCHITECTURES)}"
       )
     return arch
 
@@ -195,7 +173,7 @@ def gguf_config(source: "str | pathlib.Path | GGUFFile") -> dict[str, Any]:
   """
   f = _as_file(source)
   arch = f.architecture
-  model_type, class_name, _ = ARCHITECTURES[arch]
+  model_type, class_name, _ = gguf_layout.ARCHITECTURES[arch]
   p = f"{arch}."
   hidden = f.get(p + "embedding_length", int)
   heads = f.get(p + "attention.head_count", int)
@@ -260,79 +238,6 @@ def _rope_scaling(f: GGUFFile, p: str) -> dict[str, Any]:
   return {"rope_scaling": {"rope_type": "linear", "factor": factor}}
 
 
-def hf_name(name: str) -> str:
-  """The transformers name of a GGUF tensor (unknown names unchanged)."""
-  if name in _TOP_NAMES:
-    return _TOP_NAMES[name]
-  m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-  if m and m[2] in _BLOCK_NAMES:
-    return f"model.layers.{m[1]}.{_BLOCK_NAMES[m[2]]}.{m[3]}"
-  return name
-
-
-def gguf_name(key: str) -> str:
-  """The llama.cpp name of a transformers tensor (inverse of `hf_name`).
-
-  Raises:
-    KeyError: a tensor llama.cpp's llama/qwen2 layout has no name for.
-  """
-  top = {v: k for k, v in _TOP_NAMES.items()}
-  if key in top:
-    return top[key]
-  block = {v: k for k, v in _BLOCK_NAMES.items()}
-  m = re.fullmatch(r"model\.layers\.(\d+)\.(\w+\.\w+|\w+)\.(weight|bias)", key)
-  if m is None or m[2] not in block:
-    raise KeyError(f"tensor {key!r} has no GGUF name")
-  return f"blk.{m[1]}.{block[m[2]]}.{m[3]}"
-
-
-def permuted_heads(arch: str, key: str, config: dict[str, Any]) -> int | None:
-  """Heads of a q/k tensor that llama.cpp stores permuted, else None."""
-  if not ARCHITECTURES[arch][2]:
-    return None
-  m = re.search(r"\.(q|k)_proj\.(weight|bias)$", key)
-  if m is None:
-    return None
-  kind = "num_attention_heads" if m[1] == "q" else "num_key_value_heads"
-  return config[kind]
-
-
-def permute_rows(array: np.ndarray, heads: int) -> np.ndarray:
-  """Rows (first axis) in llama.cpp's rotary order: inverse of what `read`
-  undoes (`LlamaModel.permute` of convert_hf_to_gguf.py)."""
-  out = np.empty_like(array)
-  out[_unpermuted_rows(array.shape[0], heads)] = array
-  return out
-
-
-def expected_shape(key: str, cfg: dict[str, Any]) -> tuple[int, ...] | None:
-  """The Hugging Face shape of tensor `key` under `cfg` (None: unknown)."""
-  hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-  head_dim = cfg.get("head_dim", hidden // cfg["num_attention_heads"])
-  q = cfg["num_attention_heads"] * head_dim
-  kv = cfg["num_key_value_heads"] * head_dim
-  vocab = (cfg["vocab_size"], hidden)
-  top = {"model.embed_tokens.weight": vocab, "lm_head.weight": vocab}
-  m = re.fullmatch(r"model\.layers\.\d+\.(\w+\.\w+|\w+)\.(weight|bias)", key)
-  if m is None:
-    return {**top, "model.norm.weight": (hidden,)}.get(key)
-  linear = {  # [out, in]
-    "self_attn.q_proj": (q, hidden),
-    "self_attn.k_proj": (kv, hidden),
-    "self_attn.v_proj": (kv, hidden),
-    "self_attn.o_proj": (hidden, q),
-    "mlp.gate_proj": (inter, hidden),
-    "mlp.up_proj": (inter, hidden),
-    "mlp.down_proj": (hidden, inter),
-  }
-  module, leaf = m[1], m[2]
-  if module.endswith("layernorm"):
-    return (hidden,)
-  if module not in linear:
-    return None
-  return linear[module][:1] if leaf == "bias" else linear[module]
-
-
 @functools.cache
 def dequantizable(qtype: GGMLQuantizationType) -> bool:
   """Whether `gguf.quants.dequantize` handles `qtype` (tries one block)."""
@@ -360,10 +265,10 @@ class GGUFCheckpoint:
     self._tensors: dict[str, TensorInfo] = {}
     self._heads: dict[str, int] = {}  # key -> heads of a permuted tensor
     for t in f.tensors.values():
-      key = hf_name(t.name)
+      key = gguf_layout.hf_name(t.name)
       self._check(key, t)
       self._tensors[key] = t
-      heads = permuted_heads(f.architecture, key, self.config)
+      heads = gguf_layout.permuted_heads(f.architecture, key, self.config)
       if heads:
         self._heads[key] = heads
     self.where = {k: self.path for k in self._tensors}
@@ -376,7 +281,7 @@ class GGUFCheckpoint:
       raise CheckpointError(
         f"{what} has type {t.qtype.name}, which gguf cannot dequantize"
       )
-    want = expected_shape(key, self.config)
+    want = gguf_layout.expected_shape(key, self.config)
     shape = tuple(reversed(t.dims))
     if want is not None and shape != want:
       raise CheckpointError(
@@ -410,7 +315,7 @@ class GGUFCheckpoint:
     if len(shape) != 2:
       return None
     heads = self._heads.get(key)
-    order = _unpermuted_rows(shape[0], heads) if heads else None
+    order = gguf_layout.unpermuted_rows(shape[0], heads) if heads else None
     what = f"tensor {key!r} ({t.name} in {self.path})"
     try:
       raw = _read_rows(self.path, t, shape, order)
@@ -424,7 +329,7 @@ class GGUFCheckpoint:
     what = f"tensor {key!r} ({t.name} in {self.path})"
     shape = self.shape(key)
     heads = self._heads.get(key)
-    order = _unpermuted_rows(shape[0], heads) if heads else None
+    order = gguf_layout.unpermuted_rows(shape[0], heads) if heads else None
     try:
       raw = _read_rows(self.path, t, shape, order if len(shape) > 1 else None)
     except OSError as e:
@@ -433,17 +338,6 @@ class GGUFCheckpoint:
     if heads and len(shape) == 1:  # biases: reorder the values
       array = array[order]
     return array
-
-
-def _unpermuted_rows(rows: int, heads: int) -> np.ndarray:
-  """For each Hugging Face row, the GGUF row holding it.
-
-  llama.cpp stores row (h, s, j) of q/k, viewed [heads, 2, rows/heads/2],
-  at (h, j, s) of [heads, rows/heads/2, 2]; this gathers it back.
-  """
-  return (
-    np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2)
-  ).reshape(-1)
 
 
 def _read_rows(
@@ -489,46 +383,3 @@ def _dequantize(
       index = tuple(int(i) for i in np.unravel_index(flat, shape))
       raise CheckpointError(f"{what} has a non-finite value at index {index}")
   return out
-
-
-def q4_1_to_quantized(raw: np.ndarray, shape, what: str):
-  """GGML Q4_1 blocks (bytes [rows, bytes per row]: per block float16 d,
-  float16 m, 16 bytes of codes, element j in the low nibble of byte j and
-  element j + 16 in its high nibble) as an int4_asym QuantizedTensor."""
-  blocks = raw.reshape(-1, 20)
-  d = blocks[:, 0:2].copy().view(np.float16).reshape(-1)
-  m = blocks[:, 2:4].copy().view(np.float16).reshape(-1)
-  for name, part in (("scale d", d), ("minimum m", m)):
-    if not np.isfinite(part).all():
-      block = int(np.argmin(np.isfinite(part)))
-      raise CheckpointError(f"{what} has a non-finite {name} in block {block}")
-  qs = blocks[:, 4:]
-  q = np.concatenate([qs & 0xF, qs >> 4], axis=1).reshape(-1)
-  codes = (q[0::2] << 4) | q[1::2]  # ours: first code in the high nibble
-  return quant.QuantizedTensor(
-    jnp.asarray(codes),
-    jnp.asarray(d),
-    None,
-    None,
-    shape=tuple(shape),
-    data_type=Q4_1_SPEC.data_type,
-    block_size=Q4_1_SPEC.block_size,
-    dtype="float32",
-    minimum=jnp.asarray(m),
-  )
-
-
-def quantized_to_q4_1(qt) -> np.ndarray:
-  """An int4_asym QuantizedTensor in blocks of 32 (one matrix) as GGML Q4_1
-  bytes [rows, bytes per row]; a float32 minimum (an exact QA-LoRA merge)
-  is rounded to float16, the format's type."""
-  if qt.spec != Q4_1_SPEC or qt.ndim != 2 or qt.shape[1] % 32:
-    raise ValueError(f"{qt.spec} of shape {qt.shape} is not Q4_1's layout")
-  codes = np.asarray(qt.codes)
-  q = np.empty(codes.size * 2, np.uint8)
-  q[0::2], q[1::2] = codes >> 4, codes & 0xF
-  q = q[: qt.size].reshape(-1, 32)
-  qs = q[:, :16] | (q[:, 16:] << 4)
-  d = np.asarray(qt.absmax).astype(np.float16).view(np.uint8).reshape(-1, 2)
-  m = np.asarray(qt.minimum).astype(np.float16).view(np.uint8).reshape(-1, 2)
-  return np.concatenate([d, m, qs], axis=1).reshape(qt.shape[0], -1)
