@@ -85,8 +85,15 @@ def encode_lm(
   tokenizer: Tokenizer,
   max_length: int,
   packing: bool = False,
+  drop_empty: bool = False,
 ) -> dict[str, np.ndarray]:
-  """Next-token arrays, one document per row or packed into rows."""
+  """Next-token arrays, one document per row or packed into rows.
+
+  A row whose prompt fills all `max_length` positions has no loss token:
+  it is reported as a warning, or, with `drop_empty` (evaluation, where
+  such a row adds nothing to the token-weighted loss), left out and
+  logged at info level.
+  """
   if packing and tokenizer.end_id is None:
     raise ValueError(
       "packing needs a token to separate documents, and the tokenizer has "
@@ -99,14 +106,19 @@ def encode_lm(
     result = arrays.padded_lm_arrays(documents, max_length, tokenizer.pad_id)
     empty = np.flatnonzero(result["loss_mask"].sum(axis=1) == 0)
     if len(empty):
-      logging.warning(
+      log = logging.info if drop_empty else logging.warning
+      log(
         "%d of %d rows have no loss token (the prompt fills all %d "
-        "positions), first at %s",
+        "positions), first at %s%s",
         len(empty),
         len(documents),
         max_length,
         examples[empty[0]].where,
+        ": left out of the loss" if drop_empty else "",
       )
+      if drop_empty and len(empty) < len(documents):
+        keep = result["loss_mask"].sum(axis=1) > 0
+        result = {k: v[keep] for k, v in result.items()}
   if not result["loss_mask"].any():
     raise ValueError(f"no row has a loss token at max_length={max_length}")
   return result

@@ -180,12 +180,17 @@ def show_table_header(resumed_from: int | None, answers: bool) -> None:
   )
 
 
-def eval_line(step: int, total: int, train_loss: float | None, m: dict):
-  """One row of the eval table (train loss "-" before any training)."""
+def eval_line(
+  step: int, total: int, train_loss: float | None, m: dict, note: str = ""
+):
+  """One row of the eval table (train loss "-" before any training), with
+  an optional note after it ("zero-shot baseline")."""
   train = "-" if train_loss is None else f"{train_loss:.4f}"
   extra = f" {m['answer_accuracy']:>10.4f}" if "answer_accuracy" in m else ""
   if "perplexity" in m:
     extra += f" {m['perplexity']:>9.2f} ppl"
+  if note:
+    extra += f"  ({note})"
   say(
     f"{step:>5}/{total:<4} {train:>11} {m['loss']:>10.4f} "
     f"{m['accuracy']:>9.4f}{extra}"

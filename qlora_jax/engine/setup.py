@@ -122,14 +122,20 @@ def make_data(s: Settings, tokenizer, workdir: pathlib.Path) -> RunData:
       workdir / "data", d.questions_per_class, d.eval_questions_per_class
     )
 
-  def encode(path):
+  def encode(path, drop_empty):
     examples = data.read_examples(path, kind, text_split=d.text_split)
     return examples, data.encode_lm(
-      examples, tokenizer, d.max_length, packing=d.packing
+      examples,
+      tokenizer,
+      d.max_length,
+      packing=d.packing,
+      drop_empty=drop_empty,
     )
 
-  _, train = encode(train_path)
-  eval_examples, evals = encode(eval_path)
+  _, train = encode(train_path, False)
+  # An eval row with no loss token weighs nothing: it is left out (its
+  # question is still answered by generation, from `eval_examples`).
+  eval_examples, evals = encode(eval_path, True)
   texts = [getattr(e, "text", getattr(e, "prompt", "")) for e in eval_examples]
   return RunData(train, evals, tokenizer, None, texts, eval_examples)
 

@@ -317,7 +317,9 @@ def _train(
   if run.prompts is not None and resumed is None:  # before fine-tuning
     zero_shot, _ = evaluate(run)
     writer.write("eval", 0, zero_shot)
-    console.eval_line(0, run.total_steps, None, zero_shot)
+    console.eval_line(
+      0, run.total_steps, None, zero_shot, note="zero-shot baseline"
+    )
     run.summary.numbers["zero_shot_answer_accuracy"] = zero_shot[
       "answer_accuracy"
     ]
