@@ -131,3 +131,30 @@ def test_prompts_that_leave_no_loss_token_are_an_error():
     encoding.encode_lm(
       [readers.ClassificationExample("cat", "a", "f:3")], llama(), 4
     )
+
+
+def test_rows_without_a_loss_token_warn_in_training_and_leave_eval(caplog):
+  """Reference: the rows by hand. At max_length 4 "the cat sat on" fills
+  every position (<s> the cat sat), so its row has no loss token; "the"
+  leaves "mat </s>" to learn."""
+  examples = [
+    readers.InstructionExample("the cat sat on", "mat", "f:1"),
+    readers.InstructionExample("the", "mat", "f:2"),
+  ]
+  with caplog.at_level("INFO"):
+    kept = encoding.encode_lm(examples, llama(), 4)
+  assert len(kept["input_ids"]) == 2
+  assert [r.levelname for r in caplog.records] == ["WARNING"]
+  assert (
+    "1 of 2 rows have no loss token" in caplog.text and "f:1" in caplog.text
+  )
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    dropped = encoding.encode_lm(examples, llama(), 4, drop_empty=True)
+  assert [r.levelname for r in caplog.records] == ["INFO"]
+  assert "left out of the loss" in caplog.text
+  # Only the second row stays: <s> the mat </s>, loss on mat and </s>.
+  np.testing.assert_array_equal(dropped["input_ids"], [[1, 3, 7, 2]])
+  np.testing.assert_array_equal(dropped["loss_mask"], [[0, 1, 1, 0]])
+  for name, column in dropped.items():
+    np.testing.assert_array_equal(column, kept[name][1:], err_msg=name)
