@@ -52,41 +52,17 @@ def train_from_disk(
   steps_run: int = 3,
   seed: int = 0,
 ) -> dict[str, Any]:
-  import peft  # noqa: PLC0415
   import torch  # noqa: PLC0415
-  import transformers  # noqa: PLC0415
+
+  from experiments.peers import peft_model  # noqa: PLC0415
 
   torch.manual_seed(seed)
-  kwargs: dict[str, Any] = {"dtype": torch.float32, "low_cpu_mem_usage": True}
-  if mode == "lora_bf16":
-    kwargs["dtype"] = torch.bfloat16
-  if mode == "qlora_nf4_dq":
-    kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-      load_in_4bit=True,
-      bnb_4bit_quant_type="nf4",
-      bnb_4bit_use_double_quant=True,
-      bnb_4bit_compute_dtype=torch.float32,
-    )
-    kwargs["device_map"] = "cpu"
   base_rss = profiling.current_rss_bytes()
   profiling.reset_peak_rss()
   t0 = time.perf_counter()
-  model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-  if mode != "full":
-    if mode == "qlora_nf4_dq":
-      model = peft.prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=True
-      )
-    config = peft.LoraConfig(
-      r=rank,
-      lora_alpha=2 * rank,
-      lora_dropout=0.0,
-      target_modules="all-linear",
-      task_type="CAUSAL_LM",
-    )
-    model = peft.get_peft_model(model, config)
-  model.gradient_checkpointing_enable()
-  model.config.use_cache = False
+  model = peft_model.load(
+    folder, mode, rank, gradient_checkpointing=True, low_cpu_mem_usage=True
+  )
   load_s = time.perf_counter() - t0
   load_peak = profiling.window_peak_rss_bytes()
   profiling.reset_peak_rss()

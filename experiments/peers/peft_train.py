@@ -17,41 +17,6 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _model(mode: str, checkpoint: str, rank: int):
-  import peft  # noqa: PLC0415
-  import torch  # noqa: PLC0415
-  import transformers  # noqa: PLC0415
-
-  kwargs: dict[str, Any] = {"dtype": torch.float32}
-  if mode == "lora_bf16":
-    kwargs["dtype"] = torch.bfloat16
-  if mode == "qlora_nf4_dq":
-    kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-      load_in_4bit=True,
-      bnb_4bit_quant_type="nf4",
-      bnb_4bit_use_double_quant=True,
-      bnb_4bit_compute_dtype=torch.float32,
-    )
-    kwargs["device_map"] = "cpu"
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-    checkpoint, **kwargs
-  )
-  if mode == "full":
-    return model
-  if mode == "qlora_nf4_dq":
-    model = peft.prepare_model_for_kbit_training(
-      model, use_gradient_checkpointing=False
-    )
-  config = peft.LoraConfig(
-    r=rank,
-    lora_alpha=2 * rank,
-    lora_dropout=0.0,
-    target_modules="all-linear",
-    task_type="CAUSAL_LM",
-  )
-  return peft.get_peft_model(model, config)
-
-
 def train_throughput(
   mode: str,
   checkpoint: str,
@@ -65,8 +30,10 @@ def train_throughput(
 ) -> dict[str, Any]:
   import torch  # noqa: PLC0415
 
+  from experiments.peers import peft_model  # noqa: PLC0415
+
   torch.manual_seed(seed)
-  model = _model(mode, checkpoint, rank)
+  model = peft_model.load(checkpoint, mode, rank)
   model.train()
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-4)
