@@ -139,9 +139,12 @@ def write_gguf(
       else:
         value = np.asarray(quant.dequantize(value, np.float32))
     try:
-      name = gguf_layout.gguf_name(key)
+      name = gguf_layout.gguf_name(key, arch)
     except KeyError as e:
       raise ValueError(str(e.args[0])) from None
+    shift = gguf_layout.norm_shift(arch, key)
+    if shift:  # llama.cpp scales Gemma's norms by the stored weight
+      value = np.asarray(value, np.float32) + np.float32(shift)
     want = gguf_layout.expected_shape(key, config)
     if want is not None and tuple(value.shape) != want:
       raise ValueError(

@@ -73,6 +73,7 @@ def attend(
   mask: jnp.ndarray,
   dropout=None,
   kv_heads_first: bool = False,
+  scale: float | None = None,
 ) -> jnp.ndarray:
   """Softmax attention with grouped key/value heads.
 
@@ -85,6 +86,7 @@ def attend(
     dropout: optional callable applied to the attention probabilities.
     kv_heads_first: k and v come as [B, Hkv, Lk, D] (the KV cache's
       layout) instead.
+    scale: the scores' scale (default D ** -0.5).
 
   Returns:
     [B, Lq, H * D] in q's dtype. Scores and softmax are float32.
@@ -103,7 +105,8 @@ def attend(
   scores = jnp.einsum(
     "bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32
   )
-  scores = scores.reshape(b, hkv, g, lq, lk) * np.float32(d**-0.5)
+  scale = d**-0.5 if scale is None else scale
+  scores = scores.reshape(b, hkv, g, lq, lk) * np.float32(scale)
   probs = masked_softmax(scores, mask).astype(v.dtype)
   if dropout is not None:
     probs = dropout(probs)

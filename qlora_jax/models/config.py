@@ -1,8 +1,9 @@
 """Model configurations parsed from Hugging Face `config.json` files.
 
-Three families: the Llama family (`llama`, `mistral`, `qwen2`), `gpt2` and
-`bert`. Every field the models use is read here, with the defaults
-transformers uses; anything the models cannot honour raises.
+Three families: the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`,
+`gemma3_text`), `gpt2` and `bert`. Every field the models use is read
+here, with the defaults transformers uses; anything the models cannot
+honour raises.
 """
 
 import dataclasses
@@ -14,7 +15,7 @@ from typing import Any
 
 from qlora_jax.models.activations import ACTIVATIONS
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 SUPPORTED_TYPES = LLAMA_TYPES + ("gpt2", "bert")
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -37,7 +38,19 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """A Llama-family decoder (Llama, Mistral, Qwen2)."""
+  """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text).
+
+  Beyond Llama's fields: `qk_norm` (an RMSNorm over each query and key
+  head before the rotation: Qwen3, Gemma 3), `norm_offset` (norms scale by
+  offset + weight: Gemma's 1 + w), `embed_scale` (the embeddings times
+  sqrt(hidden): Gemma), `sandwich_norms` (norms after attention and
+  around the MLP too: Gemma 3), `attn_scale` (the score scale when not
+  head_dim ** -0.5: Gemma 3's query_pre_attn_scalar ** -0.5),
+  `layer_kinds` (per layer, True for sliding-window attention; empty: every
+  layer alike, `sliding_window` applying to all as in Mistral),
+  `local_rope` (the rotation of the sliding layers, when it differs) and
+  `final_logit_softcap` (logits = cap * tanh(logits / cap)).
+  """
 
   model_type: str
   vocab_size: int
@@ -59,6 +72,14 @@ class LlamaConfig:
   attention_dropout: float = 0.0
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: int | None = None
+  qk_norm: bool = False
+  norm_offset: float = 0.0
+  embed_scale: bool = False
+  sandwich_norms: bool = False
+  attn_scale: float | None = None
+  layer_kinds: tuple[bool, ...] = ()
+  local_rope: RopeConfig | None = None
+  final_logit_softcap: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,13 +189,19 @@ class _Fields:
       raise self.error(key, f"({by}) must divide {total}")
 
 
-def _rope(f: _Fields) -> RopeConfig:
+def _rope(
+  f: _Fields,
+  params: Mapping | None = None,
+  key: str | None = None,
+  theta_default: float = 10000.0,
+) -> RopeConfig:
   # transformers 4 writes `rope_theta` + `rope_scaling`; 5 `rope_parameters`.
-  params = f.raw.get("rope_parameters") or f.raw.get("rope_scaling") or {}
-  key = "rope_parameters" if f.raw.get("rope_parameters") else "rope_scaling"
+  if params is None:
+    params = f.raw.get("rope_parameters") or f.raw.get("rope_scaling") or {}
+    key = "rope_parameters" if f.raw.get("rope_parameters") else "rope_scaling"
   if not isinstance(params, Mapping):
     raise f.error(key, f"must be a mapping, got {params!r}")
-  theta = params.get("rope_theta", f.raw.get("rope_theta", 10000.0))
+  theta = params.get("rope_theta", f.raw.get("rope_theta", theta_default))
   if isinstance(theta, bool) or not isinstance(theta, (int, float)):
     raise f.error("rope_theta", f"must be a number, got {theta!r}")
   if not math.isfinite(theta) or theta <= 0:
@@ -212,16 +239,13 @@ def _rope(f: _Fields) -> RopeConfig:
 
 
 def _llama(f: _Fields, model_type: str) -> LlamaConfig:
+  if model_type == "gemma3_text":
+    return _gemma3(f)
   hidden = f.get("hidden_size", int)
   heads = f.get("num_attention_heads", int)
   kv_heads = f.get("num_key_value_heads", int, heads)
   f.divides("num_key_value_heads", heads, kv_heads)
-  head_dim = f.get("head_dim", int, 0) or None
-  if head_dim is None:
-    f.divides("num_attention_heads", hidden, heads)
-    head_dim = hidden // heads
-  if head_dim % 2:
-    raise f.error("head_dim", f"must be even for rotary embeddings: {head_dim}")
+  head_dim = _head_dim(f, hidden, heads, None)
   attention_bias = f.get("attention_bias", bool, False)
   qkv_bias = model_type == "qwen2" or attention_bias
   sliding = None
@@ -255,6 +279,83 @@ def _llama(f: _Fields, model_type: str) -> LlamaConfig:
     attention_dropout=f.get("attention_dropout", float, 0.0),
     eos_token_ids=f.token_ids("eos_token_id"),
     pad_token_id=f.get("pad_token_id", int, None),
+    qk_norm=model_type == "qwen3",
+  )
+
+
+def _head_dim(f: _Fields, hidden: int, heads: int, default) -> int:
+  head_dim = f.get("head_dim", int, 0) or default
+  if head_dim is None:
+    f.divides("num_attention_heads", hidden, heads)
+    head_dim = hidden // heads
+  if head_dim % 2:
+    raise f.error("head_dim", f"must be even for rotary embeddings: {head_dim}")
+  return head_dim
+
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def _gemma3(f: _Fields) -> LlamaConfig:
+  """Gemma 3's text model (transformers' Gemma3TextConfig, both layouts:
+  `layer_types` or the older `sliding_window_pattern`; `rope_parameters`
+  per layer type or `rope_theta` + `rope_local_base_freq`)."""
+  hidden = f.get("hidden_size", int)
+  heads = f.get("num_attention_heads", int)
+  kv_heads = f.get("num_key_value_heads", int, heads)
+  f.divides("num_key_value_heads", heads, kv_heads)
+  head_dim = _head_dim(f, hidden, heads, 256)
+  layers = f.get("num_hidden_layers", int)
+  for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+    if f.raw.get(key):
+      raise f.error(key, f"is {f.raw[key]!r}: not supported")
+  kinds = f.raw.get("layer_types")
+  if kinds is None:
+    pattern = f.get("sliding_window_pattern", int, 6)
+    kinds = [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
+  if not isinstance(kinds, list) or len(kinds) != layers:
+    raise f.error("layer_types", f"must list {layers} layers, got {kinds!r}")
+  for kind in kinds:
+    if kind not in (SLIDING, FULL):
+      raise f.error(
+        "layer_types", f"has {kind!r}: expected {SLIDING!r} or {FULL!r}"
+      )
+  params = f.raw.get("rope_parameters") or {}
+  if isinstance(params, Mapping) and FULL in params:
+    rope = _rope(f, params[FULL], f"rope_parameters.{FULL}", 1e6)
+    local = _rope(f, params.get(SLIDING, {}), f"rope_parameters.{SLIDING}")
+  else:
+    rope = _rope(f, f.raw.get("rope_scaling") or {}, "rope_scaling", 1e6)
+    local = RopeConfig(theta=f.get("rope_local_base_freq", float, 10000.0))
+  softcap = f.get("final_logit_softcapping", float, None)
+  return LlamaConfig(
+    model_type="gemma3_text",
+    vocab_size=f.get("vocab_size", int),
+    hidden_size=hidden,
+    intermediate_size=f.get("intermediate_size", int),
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    head_dim=head_dim,
+    rms_norm_eps=f.get("rms_norm_eps", float, 1e-6),
+    rope=rope,
+    max_positions=f.get("max_position_embeddings", int, 131072),
+    tie_word_embeddings=f.get("tie_word_embeddings", bool, True),
+    qkv_bias=f.get("attention_bias", bool, False),
+    o_bias=f.get("attention_bias", bool, False),
+    hidden_act=f.activation("hidden_activation", "gelu_pytorch_tanh"),
+    sliding_window=f.get("sliding_window", int, 4096),
+    attention_dropout=f.get("attention_dropout", float, 0.0),
+    eos_token_ids=f.token_ids("eos_token_id"),
+    pad_token_id=f.get("pad_token_id", int, None),
+    qk_norm=True,
+    norm_offset=1.0,
+    embed_scale=True,
+    sandwich_norms=True,
+    attn_scale=f.get("query_pre_attn_scalar", float, 256.0) ** -0.5,
+    layer_kinds=tuple(kind == SLIDING for kind in kinds),
+    local_rope=local,
+    final_logit_softcap=softcap,
   )
 
 

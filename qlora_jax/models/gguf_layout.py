@@ -1,11 +1,15 @@
-"""How llama.cpp lays out a llama / qwen2 Hugging Face checkpoint in GGUF.
+"""How llama.cpp lays out a Hugging Face decoder checkpoint in GGUF.
 
 The one table of both directions: tensor names (`blk.3.attn_q.weight` for
-`model.layers.3.self_attn.q_proj.weight`), the Hugging Face shapes the
-metadata implies, and the rows of q_proj and k_proj, which llama.cpp's
-converter stores in its rotary order for the `llama` architecture
-(`LlamaModel.permute` in convert_hf_to_gguf.py); `qwen2` is stored
-unpermuted. `gguf_reader` reads with it, `interop.gguf_export` writes.
+`model.layers.3.self_attn.q_proj.weight`; a block's norms are named per
+architecture: Gemma 3's `ffn_norm` is its pre-feed-forward norm), the
+Hugging Face shapes the metadata implies, the rows of q_proj and k_proj,
+which llama.cpp's converter stores in its rotary order for the `llama`
+architecture (`LlamaModel.permute` in convert_hf_to_gguf.py; `qwen2`,
+`qwen3` and `gemma3` are stored unpermuted), and Gemma 3's norm weights,
+which the converter stores as 1 + w (its `norm_shift`: llama.cpp scales by
+the weight itself, transformers by 1 + w). `gguf_reader` reads with it,
+`interop.gguf_export` writes.
 """
 
 import re
@@ -17,7 +21,11 @@ import numpy as np
 ARCHITECTURES = {
   "llama": ("llama", "LlamaForCausalLM", True),
   "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
+  "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
+  "gemma3": ("gemma3_text", "Gemma3ForCausalLM", False),
 }
+# Architectures whose norm weights the converter stores as 1 + w.
+NORM_SHIFT = {"gemma3": 1.0}
 _TOP_NAMES = {
   "token_embd.weight": "model.embed_tokens.weight",
   "output_norm.weight": "model.norm.weight",
@@ -33,29 +41,52 @@ _BLOCK_NAMES = {
   "ffn_down": "mlp.down_proj",
   "attn_norm": "input_layernorm",
   "ffn_norm": "post_attention_layernorm",
+  "attn_q_norm": "self_attn.q_norm",
+  "attn_k_norm": "self_attn.k_norm",
+}
+_GEMMA3_NORMS = {
+  "attn_norm": "input_layernorm",
+  "post_attention_norm": "post_attention_layernorm",
+  "ffn_norm": "pre_feedforward_layernorm",
+  "post_ffw_norm": "post_feedforward_layernorm",
 }
 
 
-def hf_name(name: str) -> str:
+def _block_names(arch: str) -> dict[str, str]:
+  if arch == "gemma3":
+    return {**_BLOCK_NAMES, **_GEMMA3_NORMS}
+  return _BLOCK_NAMES
+
+
+def hf_name(name: str, arch: str = "llama") -> str:
   """The transformers name of a GGUF tensor (unknown names unchanged)."""
   if name in _TOP_NAMES:
     return _TOP_NAMES[name]
   m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-  if m and m[2] in _BLOCK_NAMES:
-    return f"model.layers.{m[1]}.{_BLOCK_NAMES[m[2]]}.{m[3]}"
+  names = _block_names(arch)
+  if m and m[2] in names:
+    return f"model.layers.{m[1]}.{names[m[2]]}.{m[3]}"
   return name
 
 
-def gguf_name(key: str) -> str:
+def norm_shift(arch: str, key: str) -> float:
+  """What the converter added to tensor `key` of `arch` (0 but for Gemma 3's
+  norm weights)."""
+  if key.endswith("norm.weight"):
+    return NORM_SHIFT.get(arch, 0.0)
+  return 0.0
+
+
+def gguf_name(key: str, arch: str = "llama") -> str:
   """The llama.cpp name of a transformers tensor (inverse of `hf_name`).
 
   Raises:
-    KeyError: a tensor llama.cpp's llama/qwen2 layout has no name for.
+    KeyError: a tensor llama.cpp's layout of `arch` has no name for.
   """
   top = {v: k for k, v in _TOP_NAMES.items()}
   if key in top:
     return top[key]
-  block = {v: k for k, v in _BLOCK_NAMES.items()}
+  block = {v: k for k, v in _block_names(arch).items()}
   m = re.fullmatch(r"model\.layers\.(\d+)\.(\w+\.\w+|\w+)\.(weight|bias)", key)
   if m is None or m[2] not in block:
     raise KeyError(f"tensor {key!r} has no GGUF name")
@@ -115,6 +146,8 @@ def expected_shape(key: str, cfg: dict[str, Any]) -> tuple[int, ...] | None:
   module, leaf = m[1], m[2]
   if module.endswith("layernorm"):
     return (hidden,)
+  if module in ("self_attn.q_norm", "self_attn.k_norm"):
+    return (head_dim,)
   if module not in linear:
     return None
   return linear[module][:1] if leaf == "bias" else linear[module]

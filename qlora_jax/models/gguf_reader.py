@@ -200,8 +200,11 @@ def gguf_config(source: "str | pathlib.Path | GGUFFile") -> dict[str, Any]:
     ),
     "rope_theta": _float32(f.get(p + "rope.freq_base", float, 10000.0)),
     "tie_word_embeddings": "output.weight" not in f.tensors,
-    "hidden_act": "silu",
   }
+  if arch == "gemma3":
+    cfg.update(_gemma3(f, p, hidden, heads))
+  else:
+    cfg["hidden_act"] = "silu"
   head_dim = f.get(p + "attention.key_length", int, hidden // heads)
   if head_dim != hidden // heads:
     cfg["head_dim"] = head_dim
@@ -218,6 +221,25 @@ def gguf_config(source: "str | pathlib.Path | GGUFFile") -> dict[str, Any]:
     if token_id is not None:
       cfg[f"{'pad' if name == 'padding' else name}_token_id"] = token_id
   return cfg
+
+
+def _gemma3(f: GGUFFile, p: str, hidden: int, heads: int) -> dict[str, Any]:
+  """Gemma 3's fields beyond Llama's, as llama.cpp's gemma3 model reads
+  them: every sixth layer attends globally (its fixed pattern), sliding
+  layers rotate with base 10000, the scores scale by head_dim ** -0.5."""
+  head_dim = f.get(p + "attention.key_length", int, hidden // heads)
+  out = {
+    "head_dim": head_dim,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "sliding_window": f.get(p + "attention.sliding_window", int),
+    "sliding_window_pattern": 6,
+    "rope_local_base_freq": 10000.0,
+    "query_pre_attn_scalar": head_dim,
+  }
+  softcap = f.get(p + "final_logit_softcapping", float, None)
+  if softcap:
+    out["final_logit_softcapping"] = softcap
+  return out
 
 
 def _rope_scaling(f: GGUFFile, p: str) -> dict[str, Any]:
@@ -264,8 +286,9 @@ class GGUFCheckpoint:
     self.config = gguf_config(f)
     self._tensors: dict[str, TensorInfo] = {}
     self._heads: dict[str, int] = {}  # key -> heads of a permuted tensor
+    self._arch = f.architecture
     for t in f.tensors.values():
-      key = gguf_layout.hf_name(t.name)
+      key = gguf_layout.hf_name(t.name, f.architecture)
       self._check(key, t)
       self._tensors[key] = t
       heads = gguf_layout.permuted_heads(f.architecture, key, self.config)
@@ -337,6 +360,9 @@ class GGUFCheckpoint:
     array = _dequantize(raw, t.qtype, shape, what)
     if heads and len(shape) == 1:  # biases: reorder the values
       array = array[order]
+    shift = gguf_layout.norm_shift(self._arch, key)
+    if shift:  # stored as shift + w: Gemma 3's norms
+      array = array - np.float32(shift)
     return array
 
 

@@ -85,21 +85,28 @@ class Embed(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale, computed in float32 (transformers' LlamaRMSNorm)."""
+  """x / rms(x) * (offset + scale), computed in float32 (transformers'
+  LlamaRMSNorm; Gemma's, whose stored weight w scales by 1 + w, with
+  `offset` 1)."""
 
   eps: float
   opts: Options
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
     scale = qnn.base_param(
-      self, "scale", nn.initializers.ones, (x.shape[-1],), self.opts.base_dtype
+      self, "scale", init, (x.shape[-1],), self.opts.base_dtype
     )
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(
       jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps
     )
-    return (scale.astype(jnp.float32) * xf).astype(self.opts.dtype)
+    weight = scale.astype(jnp.float32)
+    if self.offset:
+      weight = self.offset + weight
+    return (weight * xf).astype(self.opts.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -131,13 +138,17 @@ def stack_blocks(
   x: jnp.ndarray,
   shared: tuple,
   kv=None,
+  per_layer: tuple = (),
 ):
   """Applies `num_layers` identical blocks; call inside a compact method.
 
-  Each block is `block(**attrs)` called as `block(x, *shared, kv_layer)`
-  and returns `(x, kv_layer_out)`. Unscanned, blocks are named
-  `{name}_{i}`; with `opts.scan_layers` a single `nn.scan` module `{name}`
-  holds stacked variables (leading axis = layer). `kv` is None or a pytree
+  Each block is `block(**attrs)` called as `block(x, *shared, *mine,
+  kv_layer)`, where `mine` is layer i's slice of each `per_layer` array
+  (a leading layer axis: what differs between layers, e.g. whether a
+  layer attends within a sliding window), and returns `(x, kv_layer_out)`.
+  Unscanned, blocks are named `{name}_{i}`; with `opts.scan_layers` a
+  single `nn.scan` module `{name}` holds stacked variables (leading axis =
+  layer). `kv` is None or a pytree
   of arrays with a leading layer axis (the KV cache); the result's has one
   too.
 
@@ -152,14 +163,15 @@ def stack_blocks(
       cls,
       variable_axes={qnn.BASE: 0, qnn.PARAMS: 0},
       split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast,) * len(shared) + (0,),
+      in_axes=(nn.broadcast,) * len(shared) + (0,) * (len(per_layer) + 1),
       length=num_layers,
     )
-    return scanned(**attrs, name=name)(x, *shared, kv)
+    return scanned(**attrs, name=name)(x, *shared, *per_layer, kv)
   outs = []
   for i in range(num_layers):
     layer_kv = None if kv is None else jax.tree.map(lambda a, i=i: a[i], kv)
-    x, out = cls(**attrs, name=f"{name}_{i}")(x, *shared, layer_kv)
+    mine = tuple(a[i] for a in per_layer)
+    x, out = cls(**attrs, name=f"{name}_{i}")(x, *shared, *mine, layer_kv)
     outs.append(out)
   if kv is None:
     return x, None

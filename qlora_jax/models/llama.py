@@ -1,15 +1,20 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) as transformers computes it.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text) as
+transformers computes it.
 
 Module paths mirror transformers' names: `model/embed_tokens`,
-`model/layers_{i}/self_attn/{q,k,v,o}_proj`,
-`model/layers_{i}/mlp/{gate,up,down}_proj`, `model/layers_{i}/
-{input,post_attention}_layernorm`, `model/norm`, `lm_head` (absent when
-the embeddings are tied). With `scan_layers` the blocks are one module
-`model/layers` whose variables have a leading layer axis.
+`model/layers_{i}/self_attn/{q,k,v,o}_proj` (and `{q,k}_norm`: Qwen3,
+Gemma 3), `model/layers_{i}/mlp/{gate,up,down}_proj`, `model/layers_{i}/
+{input,post_attention}_layernorm` (and `{pre,post}_feedforward_layernorm`:
+Gemma 3), `model/norm`, `lm_head` (absent when the embeddings are tied).
+With `scan_layers` the blocks are one module `model/layers` whose
+variables have a leading layer axis; a model that mixes sliding-window and
+full attention (Gemma 3) scans over a per-layer flag that picks the
+layer's mask and rotation, so its blocks still compile once.
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from qlora_jax import nn as qnn
 from qlora_jax.models import rope
@@ -49,8 +54,12 @@ class LlamaAttention(nn.Module):
     q = dense(self.opts, h * d, c.qkv_bias, "q_proj")(x, det)
     k = dense(self.opts, hkv * d, c.qkv_bias, "k_proj")(x, det)
     v = dense(self.opts, hkv * d, c.qkv_bias, "v_proj")(x, det)
-    q = rope.apply_rotary(q.reshape(b, length, h, d), cos, sin)
-    k = rope.apply_rotary(k.reshape(b, length, hkv, d), cos, sin)
+    q, k = q.reshape(b, length, h, d), k.reshape(b, length, hkv, d)
+    if c.qk_norm:  # per head, before the rotation
+      q = RMSNorm(c.rms_norm_eps, self.opts, c.norm_offset, name="q_norm")(q)
+      k = RMSNorm(c.rms_norm_eps, self.opts, c.norm_offset, name="k_norm")(k)
+    q = rope.apply_rotary(q, cos, sin)
+    k = rope.apply_rotary(k, cos, sin)
     v = v.reshape(b, length, hkv, d)
     if kv is not None:
       kv = write_kv(kv, k, v, index)
@@ -58,7 +67,9 @@ class LlamaAttention(nn.Module):
     drop = None
     if c.attention_dropout > 0 and not det:
       drop = qnn.Dropout(c.attention_dropout, deterministic=False)
-    out = attend(q, k, v, mask, drop, kv_heads_first=kv is not None)
+    out = attend(
+      q, k, v, mask, drop, kv_heads_first=kv is not None, scale=c.attn_scale
+    )
     return dense(self.opts, c.hidden_size, c.o_bias, "o_proj")(out, det), kv
 
 
@@ -81,21 +92,41 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-  """Pre-norm attention and MLP with residuals."""
+  """Pre-norm attention and MLP with residuals (Gemma 3: norms after each
+  too). Called as (x, mask, cos, sin, index, kv), or for a model with
+  per-layer kinds (x, full mask, sliding mask, full cos, sin, sliding cos,
+  sin, index, sliding, kv) with `sliding` this layer's flag."""
 
   config: LlamaConfig
   opts: Options
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, mask, cos, sin, index, kv):
+  def __call__(self, x, *args):
     c, o, det = self.config, self.opts, self.deterministic
-    h = RMSNorm(c.rms_norm_eps, o, name="input_layernorm")(x)
+    *args, kv = args
+    if c.layer_kinds:
+      mask_f, mask_s, cos_f, sin_f, cos_s, sin_s, index, sliding = args
+      mask = jnp.where(sliding, mask_s, mask_f)
+      cos = jnp.where(sliding, cos_s, cos_f)
+      sin = jnp.where(sliding, sin_s, sin_f)
+    else:
+      mask, cos, sin, index = args
+
+    def norm(name):
+      return RMSNorm(c.rms_norm_eps, o, c.norm_offset, name=name)
+
+    h = norm("input_layernorm")(x)
     h, kv = LlamaAttention(c, o, det, name="self_attn")(
       h, mask, cos, sin, index, kv
     )
+    if c.sandwich_norms:
+      x = x + norm("post_attention_layernorm")(h)
+      h = norm("pre_feedforward_layernorm")(x)
+      h = LlamaMLP(c, o, det, name="mlp")(h)
+      return x + norm("post_feedforward_layernorm")(h), kv
     x = x + h
-    h = RMSNorm(c.rms_norm_eps, o, name="post_attention_layernorm")(x)
+    h = norm("post_attention_layernorm")(x)
     return x + LlamaMLP(c, o, det, name="mlp")(h), kv
 
 
@@ -109,24 +140,31 @@ class LlamaModel(nn.Module):
   def __call__(self, input_ids, segment_ids, positions, deterministic, cache):
     c, o = self.config, self.opts
     x = Embed(c.vocab_size, c.hidden_size, o, name="embed_tokens")(input_ids)
-    mask, k_segments = decoder_mask(segment_ids, cache, c.sliding_window)
+    if c.embed_scale:  # Gemma: sqrt(hidden), rounded to the compute dtype
+      x = x * jnp.asarray(c.hidden_size**0.5, o.dtype)
     cos, sin = rope.rotary_table(
       positions, rope.inverse_frequencies(c.rope, c.head_dim)
     )
     kv = None if cache is None else (cache.key, cache.value)
     index = 0 if cache is None else cache.index
+    per_layer = ()
+    if c.layer_kinds:
+      mask, k_segments = decoder_mask(segment_ids, cache)
+      mask_s, _ = decoder_mask(segment_ids, cache, c.sliding_window)
+      local = c.local_rope or c.rope
+      cos_s, sin_s = rope.rotary_table(
+        positions, rope.inverse_frequencies(local, c.head_dim)
+      )
+      shared = (mask, mask_s, cos, sin, cos_s, sin_s, index)
+      per_layer = (jnp.asarray(c.layer_kinds, bool),)
+    else:
+      mask, k_segments = decoder_mask(segment_ids, cache, c.sliding_window)
+      shared = (mask, cos, sin, index)
     attrs = {"config": c, "opts": o, "deterministic": deterministic}
     x, kv = stack_blocks(
-      LlamaBlock,
-      attrs,
-      c.num_layers,
-      o,
-      "layers",
-      x,
-      (mask, cos, sin, index),
-      kv,
+      LlamaBlock, attrs, c.num_layers, o, "layers", x, shared, kv, per_layer
     )
-    x = RMSNorm(c.rms_norm_eps, o, name="norm")(x)
+    x = RMSNorm(c.rms_norm_eps, o, c.norm_offset, name="norm")(x)
     if cache is None:
       return x, None
     length = input_ids.shape[1]
@@ -178,4 +216,8 @@ class LlamaForCausalLM(nn.Module):
       logits = qnn.frozen_matmul(x, table, o.dtype)  # upcast in chunks
     else:
       logits = dense(o, c.vocab_size, False, "lm_head")(x, deterministic)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if c.final_logit_softcap:
+      cap = np.float32(c.final_logit_softcap)
+      logits = jnp.tanh(logits / cap) * cap
+    return logits
