@@ -1,7 +1,7 @@
 """Model configurations parsed from Hugging Face `config.json` files.
 
 Three families: the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`,
-`gemma3_text`), `gpt2` and `bert`. Every field the models use is read
+`gemma3_text`, `phi3`), `gpt2` and `bert`. Every field the models use is read
 here, with the defaults transformers uses; anything the models cannot
 honour raises.
 """
@@ -15,7 +15,14 @@ from typing import Any
 
 from qlora_jax.models.activations import ACTIVATIONS
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+LLAMA_TYPES = (
+  "llama",
+  "mistral",
+  "qwen2",
+  "qwen3",
+  "gemma3_text",
+  "phi3",
+)
 SUPPORTED_TYPES = LLAMA_TYPES + ("gpt2", "bert")
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -49,7 +56,8 @@ class LlamaConfig:
   `layer_kinds` (per layer, True for sliding-window attention; empty: every
   layer alike, `sliding_window` applying to all as in Mistral),
   `local_rope` (the rotation of the sliding layers, when it differs) and
-  `final_logit_softcap` (logits = cap * tanh(logits / cap)).
+  `final_logit_softcap` (logits = cap * tanh(logits / cap)) and `fused`
+  (one `qkv_proj` and one `gate_up_proj` linear layer: Phi-3).
   """
 
   model_type: str
@@ -80,6 +88,7 @@ class LlamaConfig:
   layer_kinds: tuple[bool, ...] = ()
   local_rope: RopeConfig | None = None
   final_logit_softcap: float | None = None
+  fused: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,12 +257,15 @@ def _llama(f: _Fields, model_type: str) -> LlamaConfig:
   head_dim = _head_dim(f, hidden, heads, None)
   attention_bias = f.get("attention_bias", bool, False)
   qkv_bias = model_type == "qwen2" or attention_bias
+  for key in ("resid_pdrop", "embd_pdrop"):  # Phi-3's extra dropouts
+    if f.get(key, float, 0.0):
+      raise f.error(key, f"is {f.raw[key]}: only 0 is supported")
   sliding = None
-  if model_type == "mistral":
+  if model_type in ("mistral", "phi3"):  # every layer, as transformers does
     sliding = f.get("sliding_window", int, 0) or None
   layer_types = f.raw.get("layer_types") or []
   if f.raw.get("use_sliding_window") or "sliding_attention" in layer_types:
-    if model_type != "mistral":
+    if model_type not in ("mistral", "phi3"):
       raise f.error(
         "use_sliding_window",
         "is set: per-layer sliding-window attention is not supported",
@@ -280,6 +292,7 @@ def _llama(f: _Fields, model_type: str) -> LlamaConfig:
     eos_token_ids=f.token_ids("eos_token_id"),
     pad_token_id=f.get("pad_token_id", int, None),
     qk_norm=model_type == "qwen3",
+    fused=model_type == "phi3",
   )
 
 

@@ -23,6 +23,7 @@ ARCHITECTURES = {
   "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
   "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
   "gemma3": ("gemma3_text", "Gemma3ForCausalLM", False),
+  "phi3": ("phi3", "Phi3ForCausalLM", False),
 }
 # Architectures whose norm weights the converter stores as 1 + w.
 NORM_SHIFT = {"gemma3": 1.0}
@@ -52,9 +53,14 @@ _GEMMA3_NORMS = {
 }
 
 
+_PHI3_FUSED = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+
+
 def _block_names(arch: str) -> dict[str, str]:
   if arch == "gemma3":
     return {**_BLOCK_NAMES, **_GEMMA3_NORMS}
+  if arch == "phi3":
+    return {**_BLOCK_NAMES, **_PHI3_FUSED}
   return _BLOCK_NAMES
 
 
@@ -142,6 +148,8 @@ def expected_shape(key: str, cfg: dict[str, Any]) -> tuple[int, ...] | None:
     "mlp.gate_proj": (inter, hidden),
     "mlp.up_proj": (inter, hidden),
     "mlp.down_proj": (hidden, inter),
+    "self_attn.qkv_proj": (q + 2 * kv, hidden),
+    "mlp.gate_up_proj": (2 * inter, hidden),
   }
   module, leaf = m[1], m[2]
   if module.endswith("layernorm"):

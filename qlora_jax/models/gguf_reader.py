@@ -205,6 +205,10 @@ def gguf_config(source: "str | pathlib.Path | GGUFFile") -> dict[str, Any]:
     cfg.update(_gemma3(f, p, hidden, heads))
   else:
     cfg["hidden_act"] = "silu"
+  if arch == "phi3":
+    window = f.get(p + "attention.sliding_window", int, 0)
+    if window:
+      cfg["sliding_window"] = window
   head_dim = f.get(p + "attention.key_length", int, hidden // heads)
   if head_dim != hidden // heads:
     cfg["head_dim"] = head_dim
@@ -243,6 +247,12 @@ def _gemma3(f: GGUFFile, p: str, hidden: int, heads: int) -> dict[str, Any]:
 
 
 def _rope_scaling(f: GGUFFile, p: str) -> dict[str, Any]:
+  for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+    if name in f.tensors:
+      raise CheckpointError(
+        f"{f.path}: tensor {name!r} (Phi-3 LongRoPE rotary scaling) is not "
+        "supported"
+      )
   if "rope_freqs.weight" in f.tensors:
     raise CheckpointError(
       f"{f.path}: tensor 'rope_freqs.weight' (Llama 3.1 style rotary "

@@ -3,7 +3,8 @@ transformers computes it.
 
 Module paths mirror transformers' names: `model/embed_tokens`,
 `model/layers_{i}/self_attn/{q,k,v,o}_proj` (and `{q,k}_norm`: Qwen3,
-Gemma 3), `model/layers_{i}/mlp/{gate,up,down}_proj`, `model/layers_{i}/
+Gemma 3; Phi-3 fuses `qkv_proj`), `model/layers_{i}/mlp/{gate,up,down}_proj`
+(Phi-3: `gate_up_proj`), `model/layers_{i}/
 {input,post_attention}_layernorm` (and `{pre,post}_feedforward_layernorm`:
 Gemma 3), `model/norm`, `lm_head` (absent when the embeddings are tied).
 With `scan_layers` the blocks are one module `model/layers` whose
@@ -51,9 +52,13 @@ class LlamaAttention(nn.Module):
     # One 2-D input for the three projections: each would otherwise keep
     # its own reshaped copy of it for the backward pass.
     x = x.reshape(b * length, -1)
-    q = dense(self.opts, h * d, c.qkv_bias, "q_proj")(x, det)
-    k = dense(self.opts, hkv * d, c.qkv_bias, "k_proj")(x, det)
-    v = dense(self.opts, hkv * d, c.qkv_bias, "v_proj")(x, det)
+    if c.fused:  # Phi-3: one qkv_proj, rows [q; k; v]
+      qkv = dense(self.opts, (h + 2 * hkv) * d, c.qkv_bias, "qkv_proj")(x, det)
+      q, k, v = jnp.split(qkv, [h * d, (h + hkv) * d], axis=-1)
+    else:
+      q = dense(self.opts, h * d, c.qkv_bias, "q_proj")(x, det)
+      k = dense(self.opts, hkv * d, c.qkv_bias, "k_proj")(x, det)
+      v = dense(self.opts, hkv * d, c.qkv_bias, "v_proj")(x, det)
     q, k = q.reshape(b, length, h, d), k.reshape(b, length, hkv, d)
     if c.qk_norm:  # per head, before the rotation
       q = RMSNorm(c.rms_norm_eps, self.opts, c.norm_offset, name="q_norm")(q)
@@ -83,11 +88,16 @@ class LlamaMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c, det = self.config, self.deterministic
-    gate = dense(self.opts, c.intermediate_size, c.mlp_bias, "gate_proj")
-    up = dense(self.opts, c.intermediate_size, c.mlp_bias, "up_proj")
+    inter = c.intermediate_size
     down = dense(self.opts, c.hidden_size, c.mlp_bias, "down_proj")
     flat = x.reshape(-1, x.shape[-1])  # one kept copy for gate and up
-    h = gated(activation(c.hidden_act), gate(flat, det), up(flat, det))
+    if c.fused:  # Phi-3: one gate_up_proj, rows [gate; up]
+      gate_up = dense(self.opts, 2 * inter, c.mlp_bias, "gate_up_proj")
+      g, u = jnp.split(gate_up(flat, det), 2, axis=-1)
+    else:
+      g = dense(self.opts, inter, c.mlp_bias, "gate_proj")(flat, det)
+      u = dense(self.opts, inter, c.mlp_bias, "up_proj")(flat, det)
+    h = gated(activation(c.hidden_act), g, u)
     return down(h, det).reshape(x.shape)
 
 
