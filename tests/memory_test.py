@@ -96,6 +96,29 @@ def test_prediction_within_1_15x_of_xla(shape, mode, batch, seq, remat):
   assert 1 / 1.15 <= got / p.total <= 1.15, (got, p)
 
 
+def test_gemma3_prediction_within_1_15x_of_xla():
+  """Gemma 3's shape: a vocabulary 200x the hidden size (its logits
+  dominate the activations), sliding and full layers in one scan, per-head
+  norms and sandwich norms (XLA: 1.004x the prediction when written)."""
+  config = models.from_dict(
+    {
+      "model_type": "gemma3_text",
+      "vocab_size": 32000,
+      "hidden_size": 160,
+      "intermediate_size": 512,
+      "num_hidden_layers": 3,
+      "num_attention_heads": 2,
+      "num_key_value_heads": 1,
+      "head_dim": 64,
+      "sliding_window": 32,
+      "max_position_embeddings": 4096,
+    }
+  )
+  got = compiled_total(config, "qlora_nf4_dq", 2, 128, True)
+  p = _predict(config, "qlora_nf4_dq", 2, 128, True)
+  assert 1 / 1.15 <= got / p.total <= 1.15, (got, p)
+
+
 def test_bf16_base_in_bf16_compute_keeps_a_float32_copy_on_cpu():
   """XLA:CPU computes bfloat16 dots in float32: the whole base is upcast
   even when the compute dtype is bfloat16 too (measured at 1B by
