@@ -16,7 +16,7 @@ from qlora_jax.interop import gguf_convert
 _GGUF = flags.DEFINE_string("gguf", None, "A .gguf file, or 'smollm2'.")
 _OUT = flags.DEFINE_string("out", None, "Folder to write.")
 _DTYPE = flags.DEFINE_enum(
-  "dtype", "float32", list(gguf_convert.DTYPES), "Tensors' dtype."
+  "dtype", "float32", list(gguf_convert.FOLDER_DTYPES), "Tensors' dtype."
 )
 flags.mark_flags_as_required(["gguf", "out"])
 

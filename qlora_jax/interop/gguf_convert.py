@@ -19,7 +19,7 @@ from qlora_jax import models
 from qlora_jax.interop.naming import FILE_DTYPES
 
 SHARD_BYTES = 2 * 10**9
-DTYPES = tuple(FILE_DTYPES)  # a converted folder's tensors
+FOLDER_DTYPES = tuple(FILE_DTYPES)  # a converted folder's tensors
 
 
 def write_tokenizer(gguf: str | pathlib.Path, out: pathlib.Path) -> None:
@@ -49,8 +49,8 @@ def convert(
     CheckpointError: as `models.GGUFCheckpoint` (naming file and tensor).
     ValueError: an unknown `dtype`, or `out` not empty.
   """
-  if dtype not in DTYPES:
-    raise ValueError(f"--dtype: {dtype!r}, expected one of {list(DTYPES)}")
+  if dtype not in FOLDER_DTYPES:
+    raise ValueError(f"--dtype: {dtype!r}, expected one of {list(FOLDER_DTYPES)}")
   out = pathlib.Path(out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise ValueError(f"--out {out}: exists and is not an empty folder")

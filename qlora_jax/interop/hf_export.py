@@ -31,7 +31,7 @@ from qlora_jax.interop.naming import FILE_DTYPES, Names, head_tensor
 from qlora_jax.models import prequantized
 from qlora_jax.models.safetensors_reader import SINGLE, Checkpoint
 
-DTYPES = ("float32", "bfloat16")  # a merged folder's float tensors
+MERGED_DTYPES = ("float32", "bfloat16")  # a merged folder's float tensors
 TOKENIZER_FILES = (
   "tokenizer.json",
   "tokenizer_config.json",
@@ -182,8 +182,8 @@ def write_merged(
     dtype: "float32" or "bfloat16", for float tensors.
     labels: {label: id} of a classifier (id2label / label2id).
   """
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype: {dtype!r} is not one of {list(DTYPES)}")
+  if dtype not in MERGED_DTYPES:
+    raise ValueError(f"dtype: {dtype!r} is not one of {list(MERGED_DTYPES)}")
   names = Names(spec, scan_layers)
   tensors, shapes, specs = merged_tensors(merged, names, dtype)
   config = _hf_config(raw_config, dtype, spec.task, labels)
