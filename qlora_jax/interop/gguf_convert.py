@@ -50,7 +50,9 @@ def convert(
     ValueError: an unknown `dtype`, or `out` not empty.
   """
   if dtype not in FOLDER_DTYPES:
-    raise ValueError(f"--dtype: {dtype!r}, expected one of {list(FOLDER_DTYPES)}")
+    raise ValueError(
+      f"--dtype: {dtype!r}, expected one of {list(FOLDER_DTYPES)}"
+    )
   out = pathlib.Path(out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise ValueError(f"--out {out}: exists and is not an empty folder")
