@@ -18,6 +18,7 @@ from qlora_jax.engine.settings import CLASSIFICATION, DTYPES, Settings
 NAMED_CHECKPOINTS = {
   "minilm": models.minilm_path,
   "smollm2": models.smollm2_path,
+  "gemma3": models.gemma3_path,
 }
 
 
