@@ -15,7 +15,9 @@ matrices without requantization.
 
 import dataclasses
 import functools
+import mmap
 import pathlib
+import struct
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -79,35 +81,117 @@ class GGUFFile:
     return arch
 
 
-class _Reader(gguf.GGUFReader):
-  """`gguf.GGUFReader`, checking each tensor's type and extent first."""
+# GGUF value types (gguf.GGUFValueType): numpy dtypes of the fixed-size ones.
+_SCALARS = {
+  0: np.uint8,
+  1: np.int8,
+  2: np.uint16,
+  3: np.int16,
+  4: np.uint32,
+  5: np.int32,
+  6: np.float32,
+  7: np.bool_,
+  10: np.uint64,
+  11: np.int64,
+  12: np.float64,
+}
+_STRING, _ARRAY = 8, 9
 
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-    super().__init__(path)
 
-  def _build_tensors(self, start_offs: int, fields: list) -> None:
-    for field in fields:
-      _, name, _, dims, raw_type, offset = field.parts
-      what = f"{self.path}: tensor {bytes(name).decode(errors='replace')!r}"
-      try:
-        qtype = GGMLQuantizationType(int(raw_type[0]))
-      except ValueError:
-        raise CheckpointError(
-          f"{what} has unknown ggml type id {int(raw_type[0])}"
-        ) from None
-      block, size = GGML_QUANT_SIZES[qtype]
-      if int(dims[0]) % block:
-        raise CheckpointError(
-          f"{what} has rows of {int(dims[0])}: not whole {qtype.name} blocks"
-        )
-      end = start_offs + int(offset[0]) + int(np.prod(dims)) // block * size
-      if end > self.data.size:
-        raise CheckpointError(
-          f"{what} has data ending at byte {end}, but the file has "
-          f"{self.data.size} bytes (truncated?)"
-        )
-    super()._build_tensors(start_offs, fields)
+class _Header:
+  """A cursor over a GGUF file's header (mapped, little-endian).
+
+  Parses what `gguf.GGUFReader` parses, with values decoded as its
+  `ReaderField.contents()` decodes them, but an array of numbers at once
+  and strings in one pass: a 262,144-piece vocabulary (Gemma 3) takes a
+  fraction of a second instead of half a minute.
+  """
+
+  def __init__(self, path: pathlib.Path, data: mmap.mmap):
+    self.path, self.data, self.pos = path, data, 0
+
+  def take(self, fmt: str) -> tuple:
+    values = struct.unpack_from("<" + fmt, self.data, self.pos)
+    self.pos += struct.calcsize("<" + fmt)
+    return values
+
+  def string(self) -> str:
+    (n,) = self.take("Q")
+    raw = self.data[self.pos : self.pos + n]
+    if len(raw) != n:
+      raise ValueError(
+        f"a string of {n} bytes at byte {self.pos} runs past the end"
+      )
+    self.pos += n
+    return raw.decode("utf-8")
+
+  def value(self, kind: int) -> Any:
+    if kind == _STRING:
+      return self.string()
+    if kind == _ARRAY:
+      inner, count = self.take("IQ")
+      if inner == _STRING:
+        return [self.string() for _ in range(count)]
+      if inner == _ARRAY:
+        return [self.value(self.take("I")[0]) for _ in range(count)]
+      dtype = np.dtype(_SCALARS[inner]).newbyteorder("<")
+      values = np.frombuffer(self.data, dtype, count, self.pos)
+      self.pos += count * dtype.itemsize
+      return values.tolist()
+    dtype = np.dtype(_SCALARS[kind]).newbyteorder("<")
+    (value,) = np.frombuffer(self.data, dtype, 1, self.pos).tolist()
+    self.pos += dtype.itemsize
+    return value
+
+
+def _parse(path: pathlib.Path, data: mmap.mmap):
+  """(metadata, tensors) of a mapped GGUF file; see `_Header`."""
+  h = _Header(path, data)
+  if bytes(data[:4]) != b"GGUF":
+    raise ValueError("the file does not start with GGUF")
+  h.pos = 4
+  version, n_tensors, n_kv = h.take("IQQ")
+  if version not in (2, 3):
+    raise ValueError(f"GGUF version {version} (2 and 3 are read)")
+  metadata = {}
+  for _ in range(n_kv):
+    key = h.string()
+    (kind,) = h.take("I")
+    if kind not in _SCALARS and kind not in (_STRING, _ARRAY):
+      raise ValueError(f"metadata key {key!r} has unknown value type {kind}")
+    metadata[key] = h.value(kind)
+  infos = []
+  for _ in range(n_tensors):
+    name = h.string()
+    (n_dims,) = h.take("I")
+    dims = h.take("Q" * n_dims)
+    raw_type, offset = h.take("IQ")
+    infos.append((name, dims, raw_type, offset))
+  align = int(metadata.get("general.alignment", 32))
+  start = -(-h.pos // align) * align
+  tensors = {}
+  for name, dims, raw_type, offset in infos:
+    what = f"{path}: tensor {name!r}"
+    try:
+      qtype = GGMLQuantizationType(raw_type)
+    except ValueError:
+      raise CheckpointError(
+        f"{what} has unknown ggml type id {raw_type}"
+      ) from None
+    block, size = GGML_QUANT_SIZES[qtype]
+    if dims and dims[0] % block:
+      raise CheckpointError(
+        f"{what} has rows of {dims[0]}: not whole {qtype.name} blocks"
+      )
+    nbytes = int(np.prod(dims, dtype=np.int64)) // block * size
+    end = start + offset + nbytes
+    if end > len(data):
+      raise CheckpointError(
+        f"{what} has data ending at byte {end}, but the file has "
+        f"{len(data)} bytes (truncated?)"
+      )
+    tensors[name] = TensorInfo(name, qtype, tuple(dims), start + offset, nbytes)
+  return metadata, tensors
 
 
 def read_gguf(path: str | pathlib.Path) -> GGUFFile:
@@ -135,21 +219,24 @@ def read_gguf(path: str | pathlib.Path) -> GGUFFile:
 def _read_header(path: pathlib.Path, key: tuple) -> GGUFFile:
   del key  # the cache key: the file's identity and version
   try:
-    reader = _Reader(path)
-    fields = reader.fields.items()
-    metadata = {k: f.contents() for k, f in fields if k[:5] != "GGUF."}
+    with (
+      open(path, "rb") as f,
+      mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data,
+    ):
+      metadata, tensors = _parse(path, data)
   except CheckpointError:
     raise
-  except (ValueError, IndexError, KeyError, OverflowError) as e:
+  except (
+    ValueError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    struct.error,
+    UnicodeDecodeError,
+  ) as e:
     raise CheckpointError(
       f"{path}: cannot read the GGUF header (truncated or not GGUF?): {e}"
     ) from e
-  tensors = {}
-  for t in reader.tensors:
-    dims = tuple(int(d) for d in t.shape)
-    where = int(t.data_offset), int(t.n_bytes)
-    tensors[t.name] = TensorInfo(t.name, t.tensor_type, dims, *where)
-  del reader, fields  # unmaps the file
   return GGUFFile(
     path, types.MappingProxyType(metadata), types.MappingProxyType(tensors)
   )
