@@ -486,3 +486,22 @@ def test_a_header_is_read_again_only_when_the_file_changes(tmp_path):
     first.metadata["general.architecture"] = "qwen2"  # type: ignore[index]
   write_gguf(path, hf_tensors("qwen2", True, 8), "qwen2")
   assert read_gguf(path).architecture == "qwen2"
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen2"])
+def test_header_equals_the_gguf_packages_reader(which, request):
+  """Reference: gguf.GGUFReader (the package's own parser) on the same
+  file: every metadata value as its ReaderField.contents() decodes it,
+  every tensor's type, dims, data offset and byte count."""
+  path = request.getfixturevalue(which)[0]
+  ours = read_gguf(path)
+  theirs = gguf.GGUFReader(path)
+  want = {k: f.contents() for k, f in theirs.fields.items() if k[:5] != "GGUF."}
+  assert dict(ours.metadata) == want
+  assert {
+    t.name: (t.tensor_type, tuple(int(d) for d in t.shape), int(t.data_offset))
+    + (int(t.n_bytes),)
+    for t in theirs.tensors
+  } == {
+    k: (v.qtype, v.dims, v.offset, v.nbytes) for k, v in ours.tensors.items()
+  }
