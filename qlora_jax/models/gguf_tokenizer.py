@@ -30,7 +30,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from qlora_jax.models.gguf_reader import GGUFFile, read_gguf
+from qlora_jax.models.gguf_header import GGUFFile, read_gguf
 from qlora_jax.models.safetensors_reader import CheckpointError
 
 MODELS = ("gpt2", "llama")  # byte-level BPE, SentencePiece
