@@ -196,3 +196,90 @@ def test_transformers_loads_a_smollm2_runs_gguf_export(smollm2_run):
   assert [tok(p)["input_ids"] for p in PROMPTS] == [
     want.tokenizer.encode(p).ids for p in PROMPTS
   ]
+
+
+@pytest.fixture(scope="module")
+def gemma3_run(tmp_path_factory):
+  """Two steps of LoRA (float base) on the real Gemma 3 270M base model,
+  its GGUF file converted to a Hugging Face folder, and our logits of the
+  restored run on three prompts."""
+  from configs import gemma3_qlora  # noqa: PLC0415
+  from qlora_jax.engine import restore, train  # noqa: PLC0415
+  from qlora_jax.interop import gguf_convert  # noqa: PLC0415
+
+  config = gemma3_qlora.get_config()
+  config.quant.data_type = "none"
+  config.data.max_length = 64
+  config.data.questions_per_class = 1
+  config.data.eval_questions_per_class = 1
+  config.data.eval_generate = 0
+  config.train.batch_size = 4
+  config.train.steps = 2
+  config.train.eval_every = 2
+  config.opt.learning_rate = 2e-2
+  work = tmp_path_factory.mktemp("gemma3")
+  train.train_and_evaluate(config, str(work / "run"))
+  folder = gguf_convert.convert(models.gemma3_path(), work / "hf")
+  restored = restore.restore(work / "run")
+  tok = models.gguf_tokenizer(models.gemma3_path()).tokenizer
+  ids = [tok.encode(p).ids for p in PROMPTS]
+  n = min(len(i) for i in ids)
+  ids = np.array([i[:n] for i in ids])
+  ours = np.asarray(restored.lm.model.apply(restored.lm.variables, ids))
+  return work, folder, ids, ours
+
+
+def test_transformers_loads_the_converted_gemma3_folder(gemma3_run):
+  """The folder `experiments.convert` writes from the GGUF file: config,
+  tensors (norms back to w) and the SentencePiece tokenizer."""
+  work, folder, ids, _ = gemma3_run
+  base = models.from_pretrained(folder, with_tokenizer=False)
+  ours = np.asarray(base.model.apply(base.variables, ids))
+  with torch.no_grad():
+    theirs = _hf(folder)(torch.tensor(ids)).logits.numpy()
+  err = rel_error(ours, theirs)
+  print(f"gemma3 converted folder: transformers vs ours {err:.2e}")
+  assert err <= TOL
+  tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+  want = models.gguf_tokenizer(models.gemma3_path()).tokenizer
+  assert [tok(p)["input_ids"] for p in PROMPTS] == [
+    want.encode(p).ids for p in PROMPTS
+  ]
+
+
+def test_peft_loads_a_gemma3_runs_adapter_over_the_converted_folder(
+  gemma3_run,
+):
+  from qlora_jax.engine import export  # noqa: PLC0415
+
+  work, folder, ids, ours = gemma3_run
+  export.export_adapter(work / "run", work / "adapter")
+  model = peft.PeftModel.from_pretrained(_hf(folder), str(work / "adapter"))
+  with torch.no_grad():
+    theirs = model.eval()(torch.tensor(ids)).logits.numpy()
+    with model.disable_adapter():
+      plain = model(torch.tensor(ids)).logits.numpy()
+  err = rel_error(ours, theirs)
+  print(f"gemma3 adapter: PEFT vs ours max rel error {err:.2e}")
+  assert err <= TOL
+  assert rel_error(plain, theirs) > 1e-3  # the adapters are not zero
+
+
+def test_transformers_loads_a_gemma3_runs_merged_gguf_export(gemma3_run):
+  """The merged run as a GGUF file with Gemma's 1 + w norms, read by
+  transformers' GGUF loader."""
+  from qlora_jax.engine import export  # noqa: PLC0415
+
+  work, _, ids, ours = gemma3_run
+  out = export.export_gguf(work / "run", work / "gguf" / "merged.gguf")
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+    str(out.parent),
+    gguf_file=out.name,
+    dtype=torch.float32,
+    attn_implementation="eager",
+  ).eval()
+  with torch.no_grad():
+    theirs = model(torch.tensor(ids)).logits.numpy()
+  err = rel_error(ours, theirs)
+  print(f"gemma3 merged GGUF: transformers vs ours max rel error {err:.2e}")
+  assert err <= TOL
