@@ -127,11 +127,28 @@ PROMPTS = [
 ]
 
 
+def _trained(config, gguf, tmp_path_factory, name):
+  """Trains `config` (a run over the GGUF file `gguf`), converts the file to
+  a Hugging Face folder; returns (work folder, converted folder, the
+  PROMPTS' ids cut to one length, our logits of the restored run)."""
+  from qlora_jax.engine import restore, train  # noqa: PLC0415
+  from qlora_jax.interop import gguf_convert  # noqa: PLC0415
+
+  work = tmp_path_factory.mktemp(name)
+  train.train_and_evaluate(config, str(work / "run"))
+  folder = gguf_convert.convert(gguf, work / "hf")
+  restored = restore.restore(work / "run")
+  tok = models.gguf_tokenizer(gguf).tokenizer
+  ids = [tok.encode(p).ids for p in PROMPTS]
+  n = min(len(i) for i in ids)
+  ids = np.array([i[:n] for i in ids])
+  ours = np.asarray(restored.lm.model.apply(restored.lm.variables, ids))
+  return work, folder, ids, ours
+
+
 @pytest.fixture(scope="module")
 def smollm2_run(tmp_path_factory):
   from configs import default  # noqa: PLC0415
-  from qlora_jax.engine import restore, train  # noqa: PLC0415
-  from qlora_jax.interop import gguf_convert  # noqa: PLC0415
 
   config = default.get_config()
   config.quant.data_type = "none"
@@ -141,16 +158,7 @@ def smollm2_run(tmp_path_factory):
   config.train.steps = 2
   config.train.eval_every = 2
   config.opt.learning_rate = 2e-2
-  work = tmp_path_factory.mktemp("smollm2")
-  train.train_and_evaluate(config, str(work / "run"))
-  folder = gguf_convert.convert(models.smollm2_path(), work / "hf")
-  restored = restore.restore(work / "run")
-  tok = models.gguf_tokenizer(models.smollm2_path()).tokenizer
-  ids = [tok.encode(p).ids for p in PROMPTS]
-  n = min(len(i) for i in ids)
-  ids = np.array([i[:n] for i in ids])
-  ours = np.asarray(restored.lm.model.apply(restored.lm.variables, ids))
-  return work, folder, ids, ours
+  return _trained(config, models.smollm2_path(), tmp_path_factory, "smollm2")
 
 
 def test_peft_loads_a_smollm2_runs_adapter_over_the_converted_folder(
@@ -204,8 +212,6 @@ def gemma3_run(tmp_path_factory):
   its GGUF file converted to a Hugging Face folder, and our logits of the
   restored run on three prompts."""
   from configs import gemma3_qlora  # noqa: PLC0415
-  from qlora_jax.engine import restore, train  # noqa: PLC0415
-  from qlora_jax.interop import gguf_convert  # noqa: PLC0415
 
   config = gemma3_qlora.get_config()
   config.quant.data_type = "none"
@@ -217,16 +223,7 @@ def gemma3_run(tmp_path_factory):
   config.train.steps = 2
   config.train.eval_every = 2
   config.opt.learning_rate = 2e-2
-  work = tmp_path_factory.mktemp("gemma3")
-  train.train_and_evaluate(config, str(work / "run"))
-  folder = gguf_convert.convert(models.gemma3_path(), work / "hf")
-  restored = restore.restore(work / "run")
-  tok = models.gguf_tokenizer(models.gemma3_path()).tokenizer
-  ids = [tok.encode(p).ids for p in PROMPTS]
-  n = min(len(i) for i in ids)
-  ids = np.array([i[:n] for i in ids])
-  ours = np.asarray(restored.lm.model.apply(restored.lm.variables, ids))
-  return work, folder, ids, ours
+  return _trained(config, models.gemma3_path(), tmp_path_factory, "gemma3")
 
 
 def test_transformers_loads_the_converted_gemma3_folder(gemma3_run):

@@ -21,8 +21,7 @@ import optax
 from qlora_jax import data, models
 from qlora_jax import nn as qnn
 from qlora_jax.engine import losses
-
-CAUSAL_LM = "causal_lm"
+from qlora_jax.engine.settings import CAUSAL_LM
 
 
 @flax.struct.dataclass

@@ -96,8 +96,8 @@ class _Header:
   fraction of a second instead of half a minute.
   """
 
-  def __init__(self, path: pathlib.Path, data: mmap.mmap):
-    self.path, self.data, self.pos = path, data, 0
+  def __init__(self, data: mmap.mmap):
+    self.data, self.pos = data, 0
 
   def take(self, fmt: str) -> tuple:
     values = struct.unpack_from("<" + fmt, self.data, self.pos)
@@ -135,7 +135,7 @@ class _Header:
 
 def _parse(path: pathlib.Path, data: mmap.mmap):
   """(metadata, tensors) of a mapped GGUF file; see `_Header`."""
-  h = _Header(path, data)
+  h = _Header(data)
   if bytes(data[:4]) != b"GGUF":
     raise ValueError("the file does not start with GGUF")
   h.pos = 4

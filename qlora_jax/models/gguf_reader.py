@@ -5,11 +5,12 @@ and tensors under llama.cpp's names (`blk.3.attn_q.weight`), with their
 dimensions listed innermost first and most of them block-quantized.
 `GGUFCheckpoint` shows them under transformers' names and shapes, and
 `read` dequantizes one tensor to float32 with the `gguf` package (the
-header is `gguf_header`'s). For the
-`llama` architecture, llama.cpp's converter reorders the rows of q_proj
-and k_proj (weights and biases) for its rotary layout (`LlamaModel.permute`
-in convert_hf_to_gguf.py); `read` puts them back, so the values equal the
-Hugging Face checkpoint's up to quantization. `qwen2` is stored unpermuted.
+header is parsed by `gguf_header`). For the `llama` architecture,
+llama.cpp's converter reorders the rows of q_proj and k_proj (weights and
+biases) for its rotary layout (`LlamaModel.permute` in
+convert_hf_to_gguf.py); `read` puts them back, so the values equal the
+Hugging Face checkpoint's up to quantization; the other architectures are
+stored unpermuted, Gemma 3's norms as 1 + w (undone on read).
 Names, shapes and row order are `gguf_layout`'s; `gguf_q4_1` decodes Q4_1
 matrices without requantization.
 """
