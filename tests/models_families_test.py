@@ -48,6 +48,26 @@ def test_logits_match_transformers(name, scan):
   assert err <= TOL
 
 
+def test_phi3_longrope_short_and_long_factors():
+  """Phi-3-128k's LongRoPE over a pretraining length of 6: 6 positions use
+  the short factors, 10 the long ones (for every position, as transformers
+  picks per forward); both scaled by the default attention factor
+  sqrt(1 + ln(64 / 6) / ln 6)."""
+  ref = np.load(HF / "phi3" / "reference_longrope.npz")
+  config = models.read_config(HF / "phi3" / "config_longrope.json")
+  assert config.rope.type == "longrope"
+  assert config.rope.attention_factor == pytest.approx(
+    np.sqrt(1 + np.log(64 / 6) / np.log(6)), rel=1e-12
+  )
+  lm = models.from_pretrained(HF / "phi3", config=config, with_tokenizer=False)
+  ids = ref["input_ids"]
+  long = lm.model.apply(lm.variables, ids)
+  short = lm.model.apply(lm.variables, ids[:, :6])
+  errs = _rel_error(long, ref["logits"]), _rel_error(short, ref["short_logits"])
+  print(f"phi3 LongRoPE: max rel error long {errs[0]:.2e}, short {errs[1]:.2e}")
+  assert max(errs) <= TOL
+
+
 def test_gemma3_greedy_tokens_with_the_cache_past_the_window():
   """12 cached decoding steps of a model whose sliding layers see 4 keys:
   the tokens transformers' generate gives (its prompt and 12 new ones)."""
@@ -115,7 +135,7 @@ def test_qlora_trains_every_linear_layer(name):
   assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
 
 
-ARCH = {"qwen3": "qwen3", "gemma3_text": "gemma3", "phi3": "phi3"}
+ARCH = {"qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}
 
 
 def _write_gguf(folder: pathlib.Path, path: pathlib.Path, arch: str):
@@ -142,6 +162,17 @@ def _write_gguf(folder: pathlib.Path, path: pathlib.Path, arch: str):
   w.add_rope_freq_base(theta)
   if arch == "gemma3":
     w.add_sliding_window(cfg["sliding_window"])
+  scaling = cfg.get("rope_scaling") or {}
+  if scaling.get("type") == "longrope":  # as the converter writes Phi-3-128k
+    original = cfg["original_max_position_embeddings"]
+    factor = cfg["max_position_embeddings"] / original
+    w.add_rope_scaling_orig_ctx_len(original)
+    w.add_rope_scaling_attn_factors(
+      np.sqrt(1 + np.log(factor) / np.log(original))
+    )
+    for which in ("long", "short"):
+      values = np.asarray(scaling[f"{which}_factor"], np.float32)
+      w.add_tensor(f"rope_factors_{which}.weight", values)
   for key, value in tensors.items():
     value = value + np.float32(gguf_layout.norm_shift(arch, key))
     w.add_tensor(gguf_layout.gguf_name(key, arch), value.astype(np.float32))
@@ -152,26 +183,36 @@ def _write_gguf(folder: pathlib.Path, path: pathlib.Path, arch: str):
   return path
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + ["phi3_longrope"])
 def test_gguf_file_loads_to_the_folders_logits(name, tmp_path):
   """The folder's tensors written as llama.cpp names and stores them load
   to the same model. llama.cpp's gemma3 fixes its layer pattern at one
   full layer in six and scales scores by head_dim ** -0.5 (Gemma 3 up to
-  12B), so the folder is compared with those."""
+  12B), so the folder is compared with those. phi3_longrope: Phi-3 with
+  LongRoPE, its factors stored as tensors and the attention factor (float32
+  in the file) in the metadata."""
   folder = tmp_path / "hf"
-  shutil.copytree(HF / name, folder)
+  shutil.copytree(HF / name.removesuffix("_longrope"), folder)
+  if name == "phi3_longrope":
+    shutil.copy(folder / "config_longrope.json", folder / "config.json")
   if name == "gemma3_text":
     cfg = json.loads((folder / "config.json").read_text())
     cfg["layer_types"] = ["sliding_attention"] * cfg["num_hidden_layers"]
     cfg["query_pre_attn_scalar"] = cfg["head_dim"]
     (folder / "config.json").write_text(json.dumps(cfg))
-  path = _write_gguf(folder, tmp_path / "m.gguf", ARCH[name])
+  path = _write_gguf(folder, tmp_path / "m.gguf", ARCH[name.split("_")[0]])
   ref = np.load(folder / "reference.npz")
   a = models.from_pretrained(folder, with_tokenizer=False)
   b = models.from_pretrained(path, with_tokenizer=False)
   # The same config but for the token ids, which a GGUF file keeps with
   # its tokenizer (this one has none).
   ids = {"eos_token_ids": (), "pad_token_id": None}
+  # LongRoPE's attention factor: float32 in the file, float64 in the folder.
+  factor = a.config.rope.attention_factor
+  assert b.config.rope.attention_factor == pytest.approx(factor, rel=1e-7)
+  rope = dataclasses.replace(b.config.rope, attention_factor=factor)
+  assert rope == a.config.rope
+  ids["rope"] = rope
   assert dataclasses.replace(b.config, **ids) == dataclasses.replace(
     a.config, **ids
   )

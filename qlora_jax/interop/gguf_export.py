@@ -1,6 +1,6 @@
 """Merged models out to GGUF files, llama.cpp's format.
 
-`write_gguf` writes the tensors of a llama / qwen2 model (transformers'
+`write_gguf` writes the tensors of a Llama-family model (transformers'
 names and layouts, as `hf_export.merged_tensors` gives them) as one GGUF
 file that llama.cpp, transformers (`gguf_file=`) and our own reader load:
 
@@ -9,7 +9,8 @@ file that llama.cpp, transformers (`gguf_file=`) and our own reader load:
   key by key with its stored types; `general.file_type` gives the type
   most matrices have;
 - tensors under llama.cpp's names, q/k rows put back in llama.cpp's rotary
-  order (`gguf_layout.permute_rows`);
+  order (`gguf_layout.permute_rows`); the base's LongRoPE factor tensors
+  (Phi-3-128k) copied as they are;
 - matrices in the chosen type: F32, F16, BF16 or Q8_0 (converted by the
   `gguf` package's own NumPy quantizer, as llama.cpp's converter does);
   norms and biases in F32, as llama.cpp keeps them;
@@ -155,6 +156,8 @@ def write_gguf(
     plan.append(
       (name, value, kind, gguf_layout.permuted_heads(arch, key, config))
     )
+  for name, value in gguf_reader.rope_factors(base_file).items():
+    plan.append((name, value, Q.F32, None))  # LongRoPE's, as they are
   matrices = collections.Counter(k for _, v, k, _ in plan if len(v.shape) == 2)
   path = pathlib.Path(path)
   partial = path.with_name(path.name + ".partial")

@@ -24,7 +24,7 @@ LLAMA_TYPES = (
   "phi3",
 )
 SUPPORTED_TYPES = LLAMA_TYPES + ("gpt2", "bert")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 
 class ConfigError(ValueError):
@@ -33,7 +33,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-  """Rotary embeddings: base wavelength and optional frequency scaling."""
+  """Rotary embeddings: base wavelength and optional frequency scaling.
+
+  "longrope" (Phi-3's LongRoPE) divides each frequency by `short_factor`
+  while a sequence fits in `original_max_positions` and by `long_factor`
+  past it, and scales cos and sin by `attention_factor`.
+  """
 
   theta: float = 10000.0
   type: str = "default"
@@ -41,6 +46,9 @@ class RopeConfig:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_positions: int = 8192
+  short_factor: tuple[float, ...] = ()
+  long_factor: tuple[float, ...] = ()
+  attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +224,7 @@ def _rope(
   if not math.isfinite(theta) or theta <= 0:
     raise f.error("rope_theta", f"must be positive, got {theta}")
   kind = params.get("rope_type", params.get("type", "default"))
+  kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it
   if kind not in ROPE_TYPES:
     raise f.error(
       key, f"has rope type {kind!r}: supported types are {ROPE_TYPES}"
@@ -226,6 +235,8 @@ def _rope(
     raise f.error(key, f"partial_rotary_factor {partial} is not supported")
   if kind == "default":
     return RopeConfig(theta=float(theta))
+  if kind == "longrope":
+    return _longrope(f, params, key, float(theta))
   if "factor" not in params:
     raise f.error(key, f"rope type {kind!r} needs a 'factor'")
   if kind == "linear":
@@ -244,6 +255,59 @@ def _rope(
     float(params["low_freq_factor"]),
     float(params["high_freq_factor"]),
     int(original),
+  )
+
+
+def _longrope(
+  f: _Fields, params: Mapping, key: str, theta: float
+) -> RopeConfig:
+  """Phi-3's LongRoPE, with transformers' defaults: the pretraining length
+  from the top-level `original_max_position_embeddings` (Phi-3 keeps it
+  there), the attention factor sqrt(1 + ln(s) / ln(original)) for
+  s = max_position_embeddings / original when `attention_factor` is unset."""
+  original = f.raw.get(
+    "original_max_position_embeddings",
+    params.get(
+      "original_max_position_embeddings",
+      f.raw.get("max_position_embeddings", 2048),
+    ),
+  )
+  if (
+    isinstance(original, bool) or not isinstance(original, int) or original < 2
+  ):
+    raise f.error(
+      "original_max_position_embeddings",
+      f"must be an int of at least 2, got {original!r}",
+    )
+  lists = {}
+  for name in ("short_factor", "long_factor"):
+    value = params.get(name)
+    if not isinstance(value, list) or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+      for v in value
+    ):
+      raise f.error(
+        key, f"rope type 'longrope' needs {name!r}, a list of positive numbers"
+      )
+    lists[name] = tuple(float(v) for v in value)
+  factor = params.get("factor")
+  if factor is None:
+    factor = f.raw.get("max_position_embeddings", original) / original
+  attention = params.get("attention_factor")
+  if attention is None:
+    attention = (
+      math.sqrt(1 + math.log(factor) / math.log(original))
+      if factor > 1
+      else 1.0
+    )
+  return RopeConfig(
+    theta,
+    "longrope",
+    float(factor),
+    original_max_positions=original,
+    short_factor=lists["short_factor"],
+    long_factor=lists["long_factor"],
+    attention_factor=float(attention),
   )
 
 
@@ -270,6 +334,14 @@ def _llama(f: _Fields, model_type: str) -> LlamaConfig:
         "use_sliding_window",
         "is set: per-layer sliding-window attention is not supported",
       )
+  rope = _rope(f)
+  for name in ("short_factor", "long_factor"):
+    if rope.type == "longrope" and len(getattr(rope, name)) != head_dim // 2:
+      raise f.error(
+        "rope_scaling",
+        f"{name} has {len(getattr(rope, name))} values: LongRoPE needs one "
+        f"per rotated pair, head_dim / 2 = {head_dim // 2}",
+      )
   return LlamaConfig(
     model_type=model_type,
     vocab_size=f.get("vocab_size", int),
@@ -280,7 +352,7 @@ def _llama(f: _Fields, model_type: str) -> LlamaConfig:
     num_kv_heads=kv_heads,
     head_dim=head_dim,
     rms_norm_eps=f.get("rms_norm_eps", float, 1e-6),
-    rope=_rope(f),
+    rope=rope,
     max_positions=f.get("max_position_embeddings", int, 2048),
     tie_word_embeddings=f.get("tie_word_embeddings", bool, False),
     qkv_bias=qkv_bias,

@@ -123,13 +123,60 @@ def _gemma3(f: GGUFFile, p: str, hidden: int, heads: int) -> dict[str, Any]:
   return out
 
 
+# Phi-3's LongRoPE factors: configuration stored as tensors, not weights.
+LONGROPE_TENSORS = {
+  "rope_factors_short.weight": "short_factor",
+  "rope_factors_long.weight": "long_factor",
+}
+
+
+def rope_factors(source: "str | pathlib.Path | GGUFFile") -> dict:
+  """The file's LongRoPE factor tensors {GGUF name: float32 [head_dim / 2]}
+  (empty when it has none)."""
+  f = _as_file(source)
+  out = {}
+  for name in LONGROPE_TENSORS:
+    t = f.tensors.get(name)
+    if t is None:
+      continue
+    what = f"tensor {name!r} in {f.path}"
+    shape = tuple(reversed(t.dims))
+    try:
+      raw = _read_rows(f.path, t, shape, None)
+    except OSError as e:
+      raise CheckpointError(f"{what}: {e}") from e
+    out[name] = _dequantize(raw, t.qtype, shape, what).reshape(-1).copy()
+  return out
+
+
+def _longrope(f: GGUFFile, p: str) -> dict[str, Any]:
+  """LongRoPE as llama.cpp's converter stores Phi-3-128k's: both factor
+  lists as tensors, the pretraining length and the attention factor in
+  the metadata."""
+  factors = rope_factors(f)
+  missing = sorted(set(LONGROPE_TENSORS) - set(factors))
+  if missing:
+    raise CheckpointError(
+      f"{f.path}: tensor {missing[0]!r} is missing: LongRoPE needs both "
+      f"{sorted(LONGROPE_TENSORS)}"
+    )
+  scaling = {"rope_type": "longrope"}
+  for name, field in LONGROPE_TENSORS.items():
+    scaling[field] = [float(v) for v in factors[name]]
+  attn = f.get(p + "rope.scaling.attn_factor", float, None)
+  if attn is not None:
+    scaling["attention_factor"] = _float32(attn)
+  return {
+    "rope_scaling": scaling,
+    "original_max_position_embeddings": f.get(
+      p + "rope.scaling.original_context_length", int
+    ),
+  }
+
+
 def _rope_scaling(f: GGUFFile, p: str) -> dict[str, Any]:
-  for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
-    if name in f.tensors:
-      raise CheckpointError(
-        f"{f.path}: tensor {name!r} (Phi-3 LongRoPE rotary scaling) is not "
-        "supported"
-      )
+  if any(name in f.tensors for name in LONGROPE_TENSORS):
+    return _longrope(f, p)
   if "rope_freqs.weight" in f.tensors:
     raise CheckpointError(
       f"{f.path}: tensor 'rope_freqs.weight' (Llama 3.1 style rotary "
@@ -175,6 +222,8 @@ class GGUFCheckpoint:
     self._heads: dict[str, int] = {}  # key -> heads of a permuted tensor
     self._arch = f.architecture
     for t in f.tensors.values():
+      if t.name in LONGROPE_TENSORS:  # read into the config
+        continue
       key = gguf_layout.hf_name(t.name, f.architecture)
       self._check(key, t)
       self._tensors[key] = t

@@ -140,9 +140,9 @@ def from_pretrained(
   Args:
     path: folder with config.json, model.safetensors (or a sharded
       model.safetensors.index.json) and optionally tokenizer.json; or a
-      llama.cpp `.gguf` file (architectures llama and qwen2; every tensor
-      type the `gguf` package dequantizes), whose config and tokenizer
-      come from its metadata.
+      llama.cpp `.gguf` file (architectures llama, qwen2, qwen3, gemma3
+      and phi3; every tensor type the `gguf` package dequantizes), whose
+      config and tokenizer come from its metadata.
     options: how to build the model (`ModelOptions`); keyword `fields`
       replace single options (`lora=..., quant=...`).
     config: the checkpoint's config, when the caller has parsed it already

@@ -1,7 +1,7 @@
 """Rotary position embeddings in Hugging Face's layout (rotate_half).
 
 The inverse frequencies follow transformers' `modeling_rope_utils`
-("default", "linear" and "llama3" types), computed in float32.
+("default", "linear", "llama3" and "longrope" types), computed in float32.
 """
 
 import math
@@ -12,12 +12,17 @@ import numpy as np
 from qlora_jax.models.config import ROPE_TYPES, RopeConfig
 
 
-def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
-  """float32 [head_dim // 2] inverse wavelengths."""
+def inverse_frequencies(
+  rope: RopeConfig, head_dim: int, long: bool = False
+) -> np.ndarray:
+  """float32 [head_dim // 2] inverse wavelengths (LongRoPE: the set for
+  sequences past the pretraining length when `long`)."""
   exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
-  inv = (1.0 / np.float32(rope.theta) ** (exponent / head_dim)).astype(
-    np.float32
-  )
+  base = np.float32(rope.theta) ** (exponent / head_dim)
+  if rope.type == "longrope":
+    ext = np.asarray(rope.long_factor if long else rope.short_factor)
+    return (1.0 / (ext.astype(np.float32) * base)).astype(np.float32)
+  inv = (1.0 / base).astype(np.float32)
   if rope.type == "default":
     return inv
   if rope.type == "linear":
@@ -49,6 +54,27 @@ def rotary_table(positions: jnp.ndarray, inv_freq: np.ndarray):
   freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
   angles = jnp.concatenate([freqs, freqs], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
+
+
+def tables(rope: RopeConfig, positions: jnp.ndarray, head_dim: int):
+  """cos, sin float32 [..., head_dim] of `rope` at int positions [...].
+
+  LongRoPE picks its long factors when the largest position of the call
+  reaches the pretraining length, as transformers does for each forward
+  (so a KV cache keeps the keys rotated by the set of their own call), and
+  scales both tables by its attention factor."""
+  cos, sin = rotary_table(positions, inverse_frequencies(rope, head_dim))
+  if rope.type != "longrope":
+    return cos, sin
+  cos_l, sin_l = rotary_table(
+    positions, inverse_frequencies(rope, head_dim, long=True)
+  )
+  long = jnp.max(positions) + 1 > rope.original_max_positions
+  scale = jnp.float32(rope.attention_factor)
+  return (
+    jnp.where(long, cos_l, cos) * scale,
+    jnp.where(long, sin_l, sin) * scale,
+  )
 
 
 def _rotate_half(x: jnp.ndarray) -> jnp.ndarray:
