@@ -132,7 +132,8 @@ class GPT2LMHeadModel(nn.Module):
     hidden=None,
     return_hidden: bool = False,
   ):
-    """Logits; or the final hidden states (`return_hidden`); or, given
+    """Logits; or the final hidden states (`return_hidden`, with the cache
+    when given one); or, given
     `hidden` [..., hidden_size], the head's logits of those (chunked
     losses over large vocabularies apply the head to slices of tokens)."""
     c, o = self.config, self.opts
@@ -144,7 +145,7 @@ class GPT2LMHeadModel(nn.Module):
     model = GPT2Model(c, o, name="transformer")
     x, cache = model(input_ids, segment_ids, positions, deterministic, cache)
     if return_hidden:
-      return x
+      return x if cache is None else (x, cache)
     logits = self._head(x, deterministic)
     return logits if cache is None else (logits, cache)
 

@@ -152,9 +152,7 @@ class LlamaModel(nn.Module):
     x = Embed(c.vocab_size, c.hidden_size, o, name="embed_tokens")(input_ids)
     if c.embed_scale:  # Gemma: sqrt(hidden), rounded to the compute dtype
       x = x * jnp.asarray(c.hidden_size**0.5, o.dtype)
-    cos, sin = rope.rotary_table(
-      positions, rope.inverse_frequencies(c.rope, c.head_dim)
-    )
+    cos, sin = rope.tables(c.rope, positions, c.head_dim)
     kv = None if cache is None else (cache.key, cache.value)
     index = 0 if cache is None else cache.index
     per_layer = ()
@@ -162,9 +160,7 @@ class LlamaModel(nn.Module):
       mask, k_segments = decoder_mask(segment_ids, cache)
       mask_s, _ = decoder_mask(segment_ids, cache, c.sliding_window)
       local = c.local_rope or c.rope
-      cos_s, sin_s = rope.rotary_table(
-        positions, rope.inverse_frequencies(local, c.head_dim)
-      )
+      cos_s, sin_s = rope.tables(local, positions, c.head_dim)
       shared = (mask, mask_s, cos, sin, cos_s, sin_s, index)
       per_layer = (jnp.asarray(c.layer_kinds, bool),)
     else:
@@ -205,7 +201,8 @@ class LlamaForCausalLM(nn.Module):
     hidden=None,
     return_hidden: bool = False,
   ):
-    """Logits; or the final hidden states (`return_hidden`); or, given
+    """Logits; or the final hidden states (`return_hidden`, with the cache
+    when given one); or, given
     `hidden` [..., hidden_size], the head's logits of those (chunked
     losses over large vocabularies apply the head to slices of tokens)."""
     c, o = self.config, self.opts
@@ -215,7 +212,7 @@ class LlamaForCausalLM(nn.Module):
     model = LlamaModel(c, o, name="model")
     x, cache = model(input_ids, segment_ids, positions, deterministic, cache)
     if return_hidden:
-      return x
+      return x if cache is None else (x, cache)
     logits = self._head(x, deterministic)
     return logits if cache is None else (logits, cache)
 
