@@ -45,8 +45,18 @@ def _hf(folder, cls=None):
     ),
     ("llama_gqa", {"rank": 4, "alpha": 6, "rslora": True, "dora": True}),
     ("gpt2", {"targets": ["c_attn", "c_proj", "c_fc"], "rank": 4}),
+    ("qwen3", {"rank": 4, "alpha": 8}),
+    ("gemma3_text", {"rank": 4, "alpha": 8}),
+    ("phi3", {"rank": 4, "alpha": 8, "rank_pattern": {"gate_up_proj": 2}}),
   ],
-  ids=["llama_patterns", "llama_dora_rslora", "gpt2_conv1d"],
+  ids=[
+    "llama_patterns",
+    "llama_dora_rslora",
+    "gpt2_conv1d",
+    "qwen3",
+    "gemma3_text",
+    "phi3_fused",
+  ],
 )
 def test_peft_loads_our_adapter(tmp_path, name, lora):
   base = DATA / "hf" / name
@@ -97,8 +107,23 @@ def test_peft_loads_our_bert_adapter(tmp_path):
   assert err <= TOL
 
 
-def test_transformers_loads_the_nf4_merged_model(tmp_path):
-  base = DATA / "hf" / "llama_gqa"
+@pytest.mark.parametrize(
+  "name", ["llama_gqa", "qwen3", "gemma3_text", "phi3", "phi3_longrope"]
+)
+def test_transformers_loads_the_nf4_merged_model(tmp_path, name):
+  """The merged folder of every Llama-family layout (Qwen3's q/k norms,
+  Gemma 3's (1 + w) sandwich norms and sliding layers, Phi-3's fused
+  qkv_proj / gate_up_proj, its LongRoPE config) in transformers."""
+  base = DATA / "hf" / name.removesuffix("_longrope")
+  if name == "phi3_longrope":
+    copy = tmp_path / "base"
+    copy.mkdir()
+    for f in ("model.safetensors", "tokenizer.json"):
+      (copy / f).symlink_to(base / f)
+    (copy / "config.json").write_text(
+      (base / "config_longrope.json").read_text()
+    )
+    base, tmp_path = copy, tmp_path / "merged"
   lm = randomize(
     models.from_pretrained(base, lora={"rank": 4, "alpha": 8}, quant=NF4)
   )
@@ -110,7 +135,7 @@ def test_transformers_loads_the_nf4_merged_model(tmp_path):
   with torch.no_grad():
     theirs = _hf(tmp_path)(torch.tensor(IDS)).logits.numpy()
   err = rel_error(ours, theirs)
-  print(f"nf4 merged: transformers vs ours max rel error {err:.2e}")
+  print(f"{name} nf4 merged: transformers vs ours max rel error {err:.2e}")
   assert err <= TOL
   unmerged = lm.model.apply(lm.variables, IDS)
   print(f"nf4 merged vs unmerged (ours): {rel_error(unmerged, theirs):.2e}")
