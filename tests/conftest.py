@@ -28,11 +28,11 @@ import shutil
 import tempfile
 
 # The longest test files, longest first (seconds of one worker on 2 CPU
-# cores, from `--durations=0`: 239, 191, 102, 90, 87, 70, 68, 63, 62, 48,
-# 46, 45). `--dist loadfile` hands whole files to the two workers in
-# collection order, by default reordered by test count; a long file handed
-# out last keeps one worker busy while the other idles, so the session
-# hands these out first and the short files fill in around them.
+# cores, from `--durations=0`: 239, 191, 102, 90, 87, 70, 68, 63, about 60,
+# 62, 48, 46, 45). `--dist loadfile` hands whole files to the two workers
+# in collection order, by default reordered by test count; a long file
+# handed out last keeps one worker busy while the other idles, so the
+# session hands these out first and the short files fill in around them.
 LONG_FILES = (
   "train_tasks_test.py",
   "train_test.py",
@@ -42,6 +42,7 @@ LONG_FILES = (
   "models_gemma3_test.py",
   "memory_test.py",
   "steps_test.py",
+  "predict_families_test.py",
   "sweep_test.py",
   "interop_gguf_export_test.py",
   "nn_cpu_kernel_test.py",
