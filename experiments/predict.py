@@ -10,7 +10,9 @@ and `probabilities`; a language model reads `{"prompt": ...}` (or
 `{"text": ...}`) lines and writes each with its `completion` (greedy, or
 sampled with --temperature / --top_k / --top_p). The model is rebuilt from
 RUN/config.json with the latest checkpoint (or --step). Without --input,
-the --text values are predicted and printed.
+the --text values are predicted and printed. OUT.jsonl is written whole,
+never over the input, into RUN or over the base checkpoint, and replaces
+an existing file only with --overwrite (checked before the model loads).
 """
 
 import json
@@ -23,6 +25,7 @@ from qlora_jax.engine.settings import CAUSAL_LM, CLASSIFICATION
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _INPUT = flags.DEFINE_string("input", None, "JSONL file to predict.")
 _OUT = flags.DEFINE_string("out", None, "JSONL output (with --input).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 _TEXT = flags.DEFINE_multi_string("text", [], "Texts or prompts to predict.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (latest).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Rows per batch.")
@@ -46,6 +49,10 @@ def main(argv):
     raise app.UsageError("give either --input FILE.jsonl, --text or --chat")
   if _INPUT.value and not _OUT.value:
     raise app.UsageError("--input needs --out")
+  if _INPUT.value:
+    predict.check_out(
+      _WORKDIR.value, _INPUT.value, _OUT.value, _OVERWRITE.value
+    )
   console.configure_logging()
   predictor = predict.load(_WORKDIR.value, _STEP.value)
   kwargs = {}
@@ -61,7 +68,7 @@ def main(argv):
     )
   if _INPUT.value:
     summary = predict.predict_file(
-      predictor, _INPUT.value, _OUT.value, **kwargs
+      predictor, _INPUT.value, _OUT.value, _OVERWRITE.value, **kwargs
     )
     print(json.dumps(dict(summary, out=_OUT.value)))
     return

@@ -1,5 +1,6 @@
 """experiments.export on a tiny trained run, and a run that starts from a
-PEFT adapter (model.adapter)."""
+PEFT adapter (model.adapter); the run's outputs written whole, by one
+writer, never into the run or over an input."""
 
 import dataclasses
 import json
@@ -10,10 +11,11 @@ import sys
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from qlora_jax import interop, models
 from qlora_jax import nn as qnn
-from qlora_jax.engine import export, restore, setup
+from qlora_jax.engine import export, outputs, predict, restore, setup
 from tests import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -100,3 +102,107 @@ def test_a_run_can_start_from_a_peft_adapter(run, restored, tmp_path):
 def test_bad_workdir(tmp_path):
   with pytest.raises(ValueError, match="no config.json"):
     restore.restore(tmp_path)
+
+
+# Outputs of a finished run (engine.outputs): the previous output survives
+# a failed or interrupted replacement, one writer wins, nothing is written
+# into the run, the input or the base, files get the usual modes.
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+  return {
+    str(p.relative_to(folder)): p.read_bytes()
+    for p in sorted(folder.rglob("*"))
+    if p.is_file()
+  }
+
+
+def _interrupted_after_save(monkeypatch):
+  """safetensors writes its file, then Ctrl-C (before config.json)."""
+  save = safetensors.numpy.save_file
+
+  def save_then_interrupt(*args, **kwargs):
+    save(*args, **kwargs)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(safetensors.numpy, "save_file", save_then_interrupt)
+
+
+def test_a_failed_overwrite_keeps_the_previous_export(
+  run, tmp_path, monkeypatch
+):
+  old = tmp_path / "old"
+  export.export_merged(run, old)
+  before = _files(old)
+  with pytest.raises(ValueError, match="no checkpoint 999"):
+    export.export_merged(run, old, step=999, overwrite=True)
+  assert _files(old) == before
+  _interrupted_after_save(monkeypatch)
+  with pytest.raises(KeyboardInterrupt):
+    export.export_merged(run, old, "bfloat16", overwrite=True)
+  assert _files(old) == before
+  assert [p.name for p in tmp_path.iterdir()] == ["old"]  # no temporary
+
+
+def test_two_exports_to_one_new_out_one_wins(run, tmp_path, monkeypatch):
+  out = tmp_path / "adapter"
+  refused = []
+  restore_run = export.restore
+
+  def restore_while_another_starts(*args):
+    if not refused:  # the second writer starts while the first restores
+      with pytest.raises(outputs.OutputError) as e:
+        export.export_adapter(run, out)
+      refused.append(str(e.value))
+    return restore_run(*args)
+
+  monkeypatch.setattr(export, "restore", restore_while_another_starts)
+  export.export_adapter(run, out)
+  assert "being written by process" in refused[0] and str(out) in refused[0]
+  assert sorted(p.name for p in out.iterdir()) == [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+  ]
+
+
+def test_exports_never_write_into_the_run(run, tmp_path):
+  before = _files(run)
+  (tmp_path / "link").symlink_to(run)
+  for out in (
+    run / "checkpoints" / "999",
+    tmp_path / "link" / "adapter",
+    run / ".." / run.name,
+  ):
+    with pytest.raises(ValueError, match="the run's workdir"):
+      export.export_adapter(run, out, overwrite=True)
+  assert _files(run) == before
+
+
+def test_exported_files_get_the_usual_modes(run, tmp_path):
+  mask = os.umask(0o022)
+  try:
+    export.export_adapter(run, tmp_path / "adapter")
+  finally:
+    os.umask(mask)
+  for p in (tmp_path / "adapter").iterdir():
+    assert p.stat().st_mode & 0o777 == 0o644, p.name
+
+
+def test_predictions_never_overwrite_inputs_or_the_run(run, tmp_path):
+  data = tmp_path / "in.jsonl"
+  data.write_text('{"text": "the of and to in"}\n')
+  before, config = _files(run), (run / "config.json").read_bytes()
+  for out in (data, run / "config.json", tiny_config.ROOT / "data/hf/bert"):
+    with pytest.raises(ValueError, match="refusing to write"):
+      predict.check_out(run, data, out, overwrite=True)
+  predictor = predict.load(run)
+  for out in (data, run / "config.json", run / "predictions.jsonl"):
+    with pytest.raises(ValueError, match="refusing to write"):
+      predict.predict_file(predictor, data, out, overwrite=True)
+  assert _files(run) == before and data.read_text().startswith('{"text"')
+  assert (run / "config.json").read_bytes() == config
+  out = tmp_path / "out.jsonl"
+  predict.predict_file(predictor, data, out)
+  with pytest.raises(ValueError, match="pass --overwrite"):
+    predict.predict_file(predictor, data, out)
+  assert json.loads(out.read_text())["predicted"] in ("first", "second")

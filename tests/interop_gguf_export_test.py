@@ -161,3 +161,27 @@ def test_run_over_a_folder_is_refused_before_restoring(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
   with pytest.raises(ValueError, match="GGUF export copies its metadata"):
     export.export_gguf(tmp_path, tmp_path / "x.gguf")
+
+
+def test_a_stopped_export_leaves_no_partial_file(
+  gguf_run, tmp_path, monkeypatch
+):
+  run, ckpt = gguf_run
+  out = tmp_path / "merged.gguf"
+  out.write_bytes(ckpt.read_bytes())  # a previous export
+  before = out.read_bytes()
+  encode, written = gguf_export._encode, []
+
+  def encode_then_interrupt(*args):  # one tensor written, then Ctrl-C
+    if written:
+      raise KeyboardInterrupt
+    written.append(args)
+    return encode(*args)
+
+  monkeypatch.setattr(gguf_export, "_encode", encode_then_interrupt)
+  for target, overwrite in ((out, True), (tmp_path / "new.gguf", False)):
+    written.clear()
+    with pytest.raises(KeyboardInterrupt):
+      export.export_gguf(run, target, overwrite=overwrite)
+  assert out.read_bytes() == before
+  assert [p.name for p in tmp_path.iterdir()] == ["merged.gguf"]

@@ -192,17 +192,20 @@ def test_exports_never_clobber(finished, tmp_path):
   out.mkdir()
   (out / "model.safetensors.index.json").write_text("{}")  # a stale index
   (out / "notes.txt").write_text("mine")
-  with pytest.raises(ValueError, match="not empty"):
+  with pytest.raises(ValueError, match="pass --overwrite"):
     export.export_merged(finished, out)
+  # An overwrite replaces the folder whole: not over a file of the user's.
+  with pytest.raises(ValueError, match="holds notes.txt"):
+    export.export_merged(finished, out, overwrite=True)
   assert (out / "model.safetensors.index.json").read_text() == "{}"
+  (out / "notes.txt").unlink()
   export.export_merged(finished, out, overwrite=True)
   assert not (out / "model.safetensors.index.json").exists()
   assert (out / "model.safetensors").is_file()
-  assert (out / "notes.txt").read_text() == "mine"  # not an export's file
   before = _hash(finished)
   with pytest.raises(ValueError, match="run's workdir"):
     export.export_adapter(finished, finished, overwrite=True)
-  with pytest.raises(ValueError, match="base checkpoint's folder"):
+  with pytest.raises(ValueError, match="the base checkpoint"):
     export.export_merged(finished, BERT, overwrite=True)
   with pytest.raises(ValueError, match="run's workdir"):
     export.export_merged(finished, finished.parent, overwrite=True)

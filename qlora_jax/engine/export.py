@@ -1,5 +1,10 @@
 """Exports of a finished run: its adapters for PEFT, its merged model as a
-Hugging Face folder, or a GGUF file (`restore` rebuilds the run first).
+Hugging Face folder, or a GGUF file (`restore` rebuilds the run first); and
+a GGUF file converted to a Hugging Face folder.
+
+Each is written through `outputs.writing`: whole or not at all, never over
+or into the run's workdir, the base checkpoint or the converted file, an
+existing output replaced only with `overwrite`.
 """
 
 import json
@@ -8,10 +13,10 @@ import re
 from typing import Any
 
 from qlora_jax import models
-from qlora_jax.engine import setup
+from qlora_jax.engine import outputs, setup
 from qlora_jax.engine.restore import read_settings, restore
 from qlora_jax.engine.settings import Settings
-from qlora_jax.interop import gguf_export, hf_export, naming, peft
+from qlora_jax.interop import gguf_convert, gguf_export, hf_export, naming, peft
 
 
 def _base_of(settings: Settings) -> pathlib.Path | None:
@@ -34,44 +39,26 @@ EXPORT_FILES = (
 )
 
 
-def prepare_out(
-  out: str | pathlib.Path,
-  workdir: pathlib.Path,
-  base: pathlib.Path | None,
-  overwrite: bool,
-) -> pathlib.Path:
-  """Checks an export's destination; with `overwrite`, removes the files of
-  a previous export there (so no stale shard index survives).
+def is_export_file(name: str) -> bool:
+  """Whether an export or a conversion writes a file of this name."""
+  return name in EXPORT_FILES or bool(
+    re.fullmatch(r"model-.*\.safetensors", name)
+  )
 
-  Raises:
-    ValueError: `out` is the run's workdir or the base checkpoint's folder
-      (or holds one of them), or is not empty and `overwrite` is False.
-  """
-  out = pathlib.Path(out).absolute()
-  protected = [("the run's workdir", pathlib.Path(workdir).absolute())]
-  if base is not None:
-    protected.append(("the base checkpoint's folder", base.absolute()))
-  for what, folder in protected:
-    if out.resolve() == folder.resolve() or folder.resolve().is_relative_to(
-      out.resolve()
-    ):
-      raise ValueError(f"--out {out}: refusing to write into {what} {folder}")
-  if out.exists() and not out.is_dir():
-    raise ValueError(f"--out {out}: exists and is not a folder")
-  present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-  if present and not overwrite:
-    raise ValueError(
-      f"--out {out}: not empty ({', '.join(present[:5])}"
-      f"{'...' if len(present) > 5 else ''}); pass --overwrite to replace a "
-      "previous export"
-    )
-  if present:
-    for p in out.iterdir():
-      if p.is_file() and (
-        p.name in EXPORT_FILES or re.fullmatch(r"model-.*\.safetensors", p.name)
-      ):
-        p.unlink()
-  return out
+
+def _writing(out, workdir, settings: Settings, overwrite: bool, **kw):
+  """`outputs.writing`, kept off the run's workdir and base checkpoint."""
+  keep_off = [
+    ("the run's workdir", workdir),
+    ("the base checkpoint", _base_of(settings)),
+  ]
+  return outputs.writing(
+    out,
+    overwrite=overwrite,
+    keep_off=keep_off,
+    replaces=is_export_file,
+    **kw,
+  )
 
 
 def export_adapter(
@@ -81,23 +68,22 @@ def export_adapter(
   overwrite: bool = False,
 ) -> dict[str, Any]:
   """Writes the run's adapters as a PEFT LoRA adapter; returns its config."""
-  base = _base_of(read_settings(workdir))
-  out = prepare_out(out, pathlib.Path(workdir), base, overwrite)
-  run = restore(workdir, step)
-  if run.settings.train.mode == "full":
+  settings = read_settings(workdir)
+  if settings.train.mode == "full":
     raise ValueError(
       "train.mode 'full' trains every weight: there is no adapter to "
       "export; export the merged model (--merged)"
     )
-  base = str(run.base.resolve()) if run.base else ""
-  return peft.write_adapter(
-    out,
-    run.trainable,
-    run.lm.plan,
-    run.spec,
-    run.settings.model.scan_layers,
-    base,
-  )
+  with _writing(out, workdir, settings, overwrite, folder=True) as tmp:
+    run = restore(workdir, step)
+    return peft.write_adapter(
+      tmp,
+      run.trainable,
+      run.lm.plan,
+      run.spec,
+      run.settings.model.scan_layers,
+      str(run.base.resolve()) if run.base else "",
+    )
 
 
 def export_merged(
@@ -109,26 +95,27 @@ def export_merged(
   overwrite: bool = False,
 ) -> pathlib.Path:
   """Writes the run's merged model as a Hugging Face folder."""
-  base = _base_of(read_settings(workdir))
-  out = prepare_out(out, pathlib.Path(workdir), base, overwrite)
-  run = restore(workdir, step)
-  merged, _ = hf_export.merge(run.lm.variables, run.lm.plan, requantize)
-  if run.base is not None and models.is_gguf(run.base):
-    raw = models.gguf_config(run.base)
-  elif run.base is not None:
-    raw = json.loads((run.base / "config.json").read_text())
-  else:
-    raw = dict(run.settings.model.hf_config)
-  return hf_export.write_merged(
-    out,
-    merged,
-    run.spec,
-    run.settings.model.scan_layers,
-    base=run.base,
-    raw_config=raw,
-    dtype=dtype,
-    labels=run.labels,
-  )
+  settings = read_settings(workdir)
+  with _writing(out, workdir, settings, overwrite, folder=True) as tmp:
+    run = restore(workdir, step)
+    merged, _ = hf_export.merge(run.lm.variables, run.lm.plan, requantize)
+    if run.base is not None and models.is_gguf(run.base):
+      raw = models.gguf_config(run.base)
+    elif run.base is not None:
+      raw = json.loads((run.base / "config.json").read_text())
+    else:
+      raw = dict(run.settings.model.hf_config)
+    hf_export.write_merged(
+      tmp,
+      merged,
+      run.spec,
+      run.settings.model.scan_layers,
+      base=run.base,
+      raw_config=raw,
+      dtype=dtype,
+      labels=run.labels,
+    )
+  return pathlib.Path(out)
 
 
 def export_gguf(
@@ -144,10 +131,11 @@ def export_gguf(
   32 its matrices are written as Q4_1 with their codes untouched.
 
   Raises:
-    ValueError: the run's base is not a GGUF file, `out` exists (without
-      `overwrite`) or is the base file, or as `interop.write_gguf`.
+    ValueError: the run's base is not a GGUF file, `out` is refused (as
+      `outputs.check`), or as `interop.write_gguf`.
   """
-  base = _base_of(read_settings(workdir))
+  settings = read_settings(workdir)
+  base = _base_of(settings)
   if base is None or not models.is_gguf(base):
     raise ValueError(
       f"--gguf: the run's base checkpoint is {base or 'a random init'}: a "
@@ -155,25 +143,43 @@ def export_gguf(
       "(model.checkpoint = FILE.gguf or smollm2); export a Hugging Face "
       "folder with --merged --out DIR instead"
     )
-  out = pathlib.Path(out).absolute()
-  if out.suffix != ".gguf":
+  if pathlib.Path(out).suffix != ".gguf":
     raise ValueError(f"--gguf {out}: the file name must end in .gguf")
-  if out.exists() and out.resolve() == base.resolve():
-    raise ValueError(f"--gguf {out}: refusing to overwrite the base checkpoint")
-  if out.exists() and (out.is_dir() or not overwrite):
-    raise ValueError(
-      f"--gguf {out}: exists; pass --overwrite to replace a previous export"
-    )
   if dtype not in gguf_export.TYPES:
     raise ValueError(
       f"--dtype: {dtype!r}, expected one of {list(gguf_export.TYPES)}"
     )
-  out.parent.mkdir(parents=True, exist_ok=True)
-  run = restore(workdir, step)
-  # QA-LoRA merges exactly into its base's block minimums (codes kept, and
-  # written as Q4_1 for int4_asym in blocks of 32); others merge in float.
-  exact = run.settings.lora_plan() is not None and run.settings.lora.qa
-  merged, _ = hf_export.merge(run.lm.variables, run.lm.plan, exact)
-  names = naming.Names(run.spec, run.settings.model.scan_layers)
-  tensors, _, _ = hf_export.merged_tensors(merged, names, "float32", False)
-  return gguf_export.write_gguf(out, tensors, base, dtype)
+  with _writing(
+    out, workdir, settings, overwrite, folder=False, flag="--gguf"
+  ) as tmp:
+    run = restore(workdir, step)
+    # QA-LoRA merges exactly into its base's block minimums (codes kept,
+    # and written as Q4_1 for int4_asym in blocks of 32); others in float.
+    exact = run.settings.lora_plan() is not None and run.settings.lora.qa
+    merged, _ = hf_export.merge(run.lm.variables, run.lm.plan, exact)
+    names = naming.Names(run.spec, run.settings.model.scan_layers)
+    tensors, _, _ = hf_export.merged_tensors(merged, names, "float32", False)
+    gguf_export.write_gguf(tmp, tensors, base, dtype)
+  return pathlib.Path(out)
+
+
+def convert_gguf(
+  gguf: str | pathlib.Path,
+  out: str | pathlib.Path,
+  dtype: str = "float32",
+  overwrite: bool = False,
+) -> pathlib.Path:
+  """Writes a GGUF file (or a named one, "smollm2") as a Hugging Face
+  folder (`interop.gguf_convert`), whole or not at all."""
+  path = setup.resolve_checkpoint(str(gguf))
+  if not models.is_gguf(path):
+    raise ValueError(f"--gguf {gguf}: not a .gguf file")
+  with outputs.writing(
+    out,
+    folder=True,
+    overwrite=overwrite,
+    keep_off=[("the --gguf file", path)],
+    replaces=is_export_file,
+  ) as tmp:
+    gguf_convert.convert(path, tmp, dtype)
+  return pathlib.Path(out)

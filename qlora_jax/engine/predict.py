@@ -24,7 +24,7 @@ import numpy as np
 from qlora_jax.data import arrays
 from qlora_jax.data.readers import read_records
 from qlora_jax.data.tokenizer import Tokenizer
-from qlora_jax.engine import losses, restore
+from qlora_jax.engine import losses, outputs, restore, setup
 from qlora_jax.engine.settings import CAUSAL_LM, CLASSIFICATION
 from qlora_jax.models import generation
 
@@ -39,6 +39,7 @@ class Predictor:
     task: "classification" or "causal_lm".
     max_length: the run's `data.max_length` (classification inputs).
     label_names: label of each class id (classification), else None.
+    workdir: the run's workdir.
   """
 
   run: restore.Restored
@@ -46,6 +47,7 @@ class Predictor:
   task: str
   max_length: int
   label_names: list[str] | None
+  workdir: pathlib.Path
 
 
 def load(workdir: str | os.PathLike, step: int | None = None) -> Predictor:
@@ -69,6 +71,7 @@ def load(workdir: str | os.PathLike, step: int | None = None) -> Predictor:
     run.settings.model.task,
     run.settings.data.max_length,
     names,
+    pathlib.Path(workdir),
   )
 
 
@@ -262,10 +265,36 @@ def _until_end(row: np.ndarray, eos: Sequence[int]) -> np.ndarray:
   return row[: ends[0]] if len(ends) else row
 
 
+def _keep_off(workdir, base, path) -> outputs.KeepOff:
+  return [
+    ("the --input file", path),
+    ("the run's workdir", workdir),
+    ("the base checkpoint", base),
+  ]
+
+
+def check_out(
+  workdir: str | os.PathLike,
+  path: str | os.PathLike,
+  out: str | os.PathLike,
+  overwrite: bool = False,
+) -> None:
+  """Refuses `out` as `predict_file` would, before anything loads."""
+  m = restore.read_settings(workdir).model
+  base = setup.resolve_checkpoint(m.checkpoint) if m.checkpoint else None
+  outputs.check(
+    out,
+    folder=False,
+    overwrite=overwrite,
+    keep_off=_keep_off(workdir, base, path),
+  )
+
+
 def predict_file(
   predictor: Predictor,
   path: str | os.PathLike,
   out: str | os.PathLike,
+  overwrite: bool = False,
   **kwargs,
 ) -> dict[str, Any]:
   """Predicts every line of a JSONL file and writes one JSON line per input.
@@ -275,8 +304,21 @@ def predict_file(
   ...}` lines (or `{"text": ...}`). Each output line repeats the input's
   fields and adds `predicted`, `probability` and `probabilities`, or
   `completion`. Returns a summary: the number of rows, and the accuracy
-  over labelled rows.
+  over labelled rows. `out` is written through `outputs.writing`: never
+  the input, the run's workdir or its base; an existing file only with
+  `overwrite`.
   """
+  keep_off = _keep_off(predictor.workdir, predictor.run.base, path)
+  with outputs.writing(
+    out, folder=False, overwrite=overwrite, keep_off=keep_off
+  ) as tmp:
+    summary, lines = _predict_lines(predictor, path, **kwargs)
+    tmp.write_text("".join(lines))
+  return summary
+
+
+def _predict_lines(predictor: Predictor, path, **kwargs):
+  """(summary, output lines) of `predict_file`."""
   if predictor.task == CLASSIFICATION:
     records = read_records(path, ("text",))
     results = classify(predictor, [r["text"] for _, r in records], **kwargs)
@@ -295,8 +337,8 @@ def predict_file(
     right = sum(str(r["label"]) == p["predicted"] for r, p in labelled)
     summary["labelled"] = len(labelled)
     summary["accuracy"] = right / len(labelled)
-  pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
-  with open(out, "w") as f:
-    for (_, record), result in zip(records, results, strict=True):
-      f.write(json.dumps({**record, **result}) + "\n")
-  return summary
+  lines = [
+    json.dumps({**record, **result}) + "\n"
+    for (_, record), result in zip(records, results, strict=True)
+  ]
+  return summary, lines

@@ -5,8 +5,11 @@ Hugging Face layout (q/k rows un-permuted, dequantized to float32 and cast
 to `dtype`) as model.safetensors or ~2 GB shards with an index,
 tokenizer.json and tokenizer_config.json (with the chat template and the
 special tokens): the same model for transformers / PEFT users and for the
-safetensors path of `models.from_pretrained`. Tensors are converted one at
-a time; a shard is written when it is full.
+safetensors path of `models.from_pretrained`. The file's tensor set and
+shapes are checked against its metadata first, as loading it for training
+does (`models.loading.match`); then tensors are converted one at a time,
+a shard written when it is full. Writing the folder whole or not at all
+is the caller's (`engine.export.convert_gguf`).
 """
 
 import json
@@ -17,6 +20,7 @@ import safetensors.numpy
 
 from qlora_jax import models
 from qlora_jax.interop.naming import FILE_DTYPES
+from qlora_jax.models import loading
 
 SHARD_BYTES = 2 * 10**9
 FOLDER_DTYPES = tuple(FILE_DTYPES)  # a converted folder's tensors
@@ -46,7 +50,8 @@ def convert(
   `gguf`.
 
   Raises:
-    CheckpointError: as `models.GGUFCheckpoint` (naming file and tensor).
+    CheckpointError: as `models.GGUFCheckpoint`, or a tensor missing or
+      unexpected for the metadata (naming file and tensor).
     ValueError: an unknown `dtype`, or `out` not empty.
   """
   if dtype not in FOLDER_DTYPES:
@@ -56,10 +61,12 @@ def convert(
   out = pathlib.Path(out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise ValueError(f"--out {out}: exists and is not an empty folder")
-  out.mkdir(parents=True, exist_ok=True)
   ckpt = models.GGUFCheckpoint(gguf)
   config = dict(ckpt.config, torch_dtype=dtype)
-  models.from_dict(config, str(gguf))  # a config our loader accepts
+  spec = models.ModelSpec(models.from_dict(config, str(gguf)), "causal_lm")
+  wanted = loading.targets(spec, scan_layers=False)
+  loading.match(ckpt, spec.layout, wanted, str(gguf))  # as training does
+  out.mkdir(parents=True, exist_ok=True)
   current: dict[str, np.ndarray] = {}
   written: list[tuple[str, list[str]]] = []  # (file, its tensors)
 
