@@ -1,4 +1,5 @@
-"""Sweeps: run, resume, record failures; tables equal the points' metrics."""
+"""Sweeps: run, resume, record failures, one sweep per folder at a time;
+tables equal the points' metrics."""
 
 import json
 import math
@@ -15,6 +16,7 @@ from configs import (
   table5_cost,
 )
 from qlora_jax.ablations import figures, results, sweep, tables
+from qlora_jax.engine import outputs
 from qlora_jax.engine.metrics import read_metrics
 from tests import tiny_config
 
@@ -218,3 +220,26 @@ def test_zero_shot_metrics_come_from_the_step_0_eval(tmp_path):
     "zero_shot_loss": 5.0,
     "zero_shot_answer_accuracy": 0.0,
   }
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):
+  config = tiny_config.get_config(str(tmp_path / "data"))
+  points = [{"method": "a", "train.seed": s} for s in (0, 1)]
+  out, refused, lines = tmp_path / "sweep", [], []
+
+  def second_sweep_runs(config, workdir):
+    pytest.fail(f"a second sweep ran {workdir}")
+
+  def runner(config, workdir):  # a second sweep starts during the first
+    if not refused:
+      with pytest.raises(outputs.OutputError) as e:
+        sweep.run_sweep(config, points, out, runner=second_sweep_runs)
+      refused.append(str(e.value))
+    (workdir / results.DONE).write_text(json.dumps({"loss": 1.0}))
+    return True
+
+  got = sweep.run_sweep(config, points, out, runner=runner, echo=lines.append)
+  assert list(got.values()) == ["done", "done"]
+  assert "--workdir" in refused[0] and "being written by process" in refused[0]
+  assert not list(out.rglob(results.ERROR))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no lock

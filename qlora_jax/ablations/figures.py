@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from qlora_jax.ablations import results  # noqa: E402
+from qlora_jax.engine import outputs  # noqa: E402
 from qlora_jax.engine.metrics import read_metrics  # noqa: E402
 
 _META = {"Software": None}  # no version stamp: same inputs, same bytes
@@ -115,10 +116,17 @@ def xy(spec: dict, fig_spec: dict, points: list[dict], path) -> None:
   plt.close(fig)
 
 
-def write_all(spec: dict, points: list[dict], out: pathlib.Path) -> list:
+def write_all(
+  spec: dict, points: list[dict], out: pathlib.Path, keep_off=()
+) -> list:
+  """Every figure of `spec` into `out`, each file replaced whole."""
   written = []
   for fig_spec in spec.get("figures", []):
     path = out / fig_spec["file"]
-    {"curves": curves, "xy": xy}[fig_spec["kind"]](spec, fig_spec, points, path)
+    draw = {"curves": curves, "xy": xy}[fig_spec["kind"]]
+    with outputs.writing(
+      path, folder=False, overwrite=True, keep_off=keep_off
+    ) as tmp:
+      draw(spec, fig_spec, points, tmp)
     written.append(path)
   return written

@@ -23,6 +23,8 @@ from qlora_jax.engine.metrics import read_metrics
 DONE = "final_metrics.json"
 ERROR = "error.txt"
 POINT = "point.json"
+# A sweep folder's own files, beside its points/.
+SWEEP_FILES = ("order.json", "table.json", "base_config.json")
 
 SEED_KEY = "train.seed"
 

@@ -9,7 +9,9 @@ Running a sweep is resumable: a point with a `final_metrics.json` is done
 and skipped; an interrupted point resumes from its checkpoint (the training
 engine does that); a failing point writes `error.txt` and the sweep moves
 on (it is retried on the next run). Each point runs in a fresh process, so
-a crash or a leak in one cannot take the others down.
+a crash or a leak in one cannot take the others down. A sweep holds a lock
+on its folder (`engine.outputs.Lock`) while it runs: a second sweep there
+is refused at once, before it writes anything.
 """
 
 import dataclasses
@@ -27,6 +29,7 @@ from typing import Any
 from ml_collections import config_dict
 
 from qlora_jax.ablations.results import DONE, ERROR, POINT
+from qlora_jax.engine import outputs
 
 
 def config_module(path: str | pathlib.Path):
@@ -107,7 +110,7 @@ def _child(config_json: str, workdir: str, log_path: str) -> None:
   try:
     train.train_and_evaluate(config, workdir)
   except BaseException:
-    (pathlib.Path(workdir) / ERROR).write_text(traceback.format_exc())
+    outputs.write_text(pathlib.Path(workdir) / ERROR, traceback.format_exc())
     raise
 
 
@@ -123,8 +126,9 @@ def run_point(config: config_dict.ConfigDict, workdir: pathlib.Path) -> bool:
   proc.start()
   proc.join()
   if proc.exitcode != 0 and not (workdir / ERROR).exists():
-    (workdir / ERROR).write_text(
-      f"the point's process ended with exit code {proc.exitcode}\n"
+    outputs.write_text(
+      workdir / ERROR,
+      f"the point's process ended with exit code {proc.exitcode}\n",
     )
   return (workdir / DONE).exists() and proc.exitcode == 0
 
@@ -144,18 +148,17 @@ def write_layout(
 ) -> None:
   """The sweep's order of points and its table spec (for `tables`)."""
   (sweep_dir / "points").mkdir(parents=True, exist_ok=True)
-  (sweep_dir / "order.json").write_text(
-    json.dumps([p.slug for p in points], indent=1)
+  outputs.write_text(
+    sweep_dir / "order.json", json.dumps([p.slug for p in points], indent=1)
   )
   if table is not None:
-    (sweep_dir / "table.json").write_text(json.dumps(table, indent=2))
+    outputs.write_text(sweep_dir / "table.json", json.dumps(table, indent=2))
 
 
 def write_point(workdir: pathlib.Path, point: Point) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / POINT).write_text(
-    json.dumps({"labels": point.labels, "overrides": point.overrides}, indent=2)
-  )
+  record = {"labels": point.labels, "overrides": point.overrides}
+  outputs.write_text(workdir / POINT, json.dumps(record, indent=2))
 
 
 def run_sweep(
@@ -166,11 +169,21 @@ def run_sweep(
   runner: Callable[[config_dict.ConfigDict, pathlib.Path], bool] = run_point,
   echo: Callable[[str], None] = print,
 ) -> dict[str, str]:
-  """Runs every point not yet done; returns {point name: final status}."""
+  """Runs every point not yet done; returns {point name: final status}.
+
+  Raises:
+    OutputError: another sweep is running in `sweep_dir`.
+  """
   sweep_dir = pathlib.Path(sweep_dir)
   points = points_of(sweep)
+  sweep_dir.mkdir(parents=True, exist_ok=True)
+  with outputs.Lock(sweep_dir.resolve(), flag="--workdir"):
+    return _run_points(config, points, sweep_dir, table, runner, echo)
+
+
+def _run_points(config, points, sweep_dir, table, runner, echo):
   write_layout(sweep_dir, points, table)
-  (sweep_dir / "base_config.json").write_text(config.to_json(indent=2))
+  outputs.write_text(sweep_dir / "base_config.json", config.to_json(indent=2))
   results = {}
   for i, point in enumerate(points, 1):
     workdir = sweep_dir / "points" / point.slug

@@ -14,19 +14,22 @@ Points that differ only in `train.seed` are one row: the mean +- the
 half-width of its 95% Student t interval over seeds (`results.interval`;
 no interval when every seed gave the same value), and the row's n (with
 how many of them diverged, `results.diverged`). Output is a pure function
-of the points' files, so re-running gives the same files.
+of the points' files, so re-running gives the same files: each replaces
+its previous version whole (`engine.outputs`), never a file of the sweep.
 """
 
 import json
 import pathlib
 
 from qlora_jax.ablations.results import (
+  SWEEP_FILES,
   diverged,
   group_points,
   interval,
   load_points,
   show_value,
 )
+from qlora_jax.engine import outputs
 
 
 def _format(value: float, fmt: str) -> str:
@@ -163,10 +166,13 @@ def write(sweep_dir: str | pathlib.Path, out_dir=None) -> list[pathlib.Path]:
   sweep_dir = pathlib.Path(sweep_dir)
   spec = json.loads((sweep_dir / "table.json").read_text())
   out = pathlib.Path(out_dir) if out_dir else sweep_dir / "tables"
-  out.mkdir(parents=True, exist_ok=True)
   points = load_points(sweep_dir)
+  # The sweep's own files are inputs; the tables' are made anew each time.
+  keep_off = [("the sweep's points", sweep_dir / "points")] + [
+    ("a file of the sweep", sweep_dir / name) for name in SWEEP_FILES
+  ]
   written = [out / "table.md", out / "table.tex"]
-  written[0].write_text(markdown(spec, points))
-  written[1].write_text(latex(spec, points))
-  written += figures.write_all(spec, points, out)
+  for path, text in zip(written, (markdown, latex), strict=True):
+    outputs.write_text(path, text(spec, points), keep_off=keep_off)
+  written += figures.write_all(spec, points, out, keep_off)
   return written
