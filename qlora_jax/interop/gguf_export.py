@@ -21,13 +21,13 @@ file that llama.cpp, transformers (`gguf_file=`) and our own reader load:
   blocks made elsewhere) as it is.
 
 The header and tensor table are written first, then one tensor at a time,
-each encoded just before it is written; the file appears under its name
-only when complete.
+each encoded just before it is written. The file is written where it is
+asked to be: a run's export writes it into `engine.outputs`' temporary,
+which appears under its name only when complete.
 """
 
 import collections
 import dataclasses
-import os
 import pathlib
 from collections.abc import Mapping
 
@@ -160,8 +160,7 @@ def write_gguf(
     plan.append((name, value, Q.F32, None))  # LongRoPE's, as they are
   matrices = collections.Counter(k for _, v, k, _ in plan if len(v.shape) == 2)
   path = pathlib.Path(path)
-  partial = path.with_name(path.name + ".partial")
-  writer = gguf.GGUFWriter(str(partial), arch)
+  writer = gguf.GGUFWriter(str(path), arch)
   _copy_metadata(gguf.GGUFReader(base), writer)
   if matrices and matrices.most_common(1)[0][0] in FILE_TYPES:
     writer.add_file_type(FILE_TYPES[matrices.most_common(1)[0][0]])
@@ -169,11 +168,12 @@ def write_gguf(
     shape, stored, nbytes = _info(value, kind)
     raw = None if kind in (Q.F32, Q.F16) else kind
     writer.add_tensor_info(name, shape, stored, nbytes, raw_dtype=raw)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_ti_data_to_file()
-  for _, value, kind, heads in plan:
-    writer.write_tensor_data(_encode(value, kind, heads))
-  writer.close()
-  os.replace(partial, path)
+  try:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, value, kind, heads in plan:
+      writer.write_tensor_data(_encode(value, kind, heads))
+  finally:
+    writer.close()
   return path
