@@ -10,9 +10,11 @@ adapter_model.safetensors) over the run's base checkpoint. With --merged:
 a Hugging Face folder with the adapters folded into the dequantized base
 (transformers loads it); --requantize stores the merged quantized layers as
 codes and scales that `qlora_jax.models.from_pretrained` reads back.
-A non-empty --out is refused unless --overwrite (which removes the files
-of the previous export); the run's workdir and the base checkpoint's folder
-are never written. With --gguf (a run over a GGUF base, such as the main
+The output appears only when complete (a failed or interrupted export
+leaves the previous one as it was); an existing --out is replaced, whole,
+only with --overwrite; nothing is written into the run's workdir or over
+the base checkpoint, and a second export to the same path fails at once.
+With --gguf (a run over a GGUF base, such as the main
 job's SmolLM2): the merged model as one GGUF file with the base's metadata,
 tokenizer and chat template, matrices in --dtype (norms in float32), which
 llama.cpp, transformers (gguf_file=) and `models.from_pretrained` load; an
