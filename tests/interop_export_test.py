@@ -132,7 +132,9 @@ def test_a_failed_overwrite_keeps_the_previous_export(
   run, tmp_path, monkeypatch
 ):
   old = tmp_path / "old"
-  export.export_merged(run, old)
+  old.mkdir()  # a previous export
+  for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    (old / name).write_text(f"previous {name}")
   before = _files(old)
   with pytest.raises(ValueError, match="no checkpoint 999"):
     export.export_merged(run, old, step=999, overwrite=True)
