@@ -1,6 +1,7 @@
 """The package layering: every import points down the stack, none in a circle.
 
-quant <- nn <- models <- (data) <- interop <- engine <- ablations / bench
+quant <- nn <- models <- (data) <- interop <- engine <- ablations / bench /
+harness
 <- experiments. Read from the source with `ast` (nothing is imported).
 """
 
@@ -20,6 +21,7 @@ ALLOWED = {
   "engine": {"quant", "nn", "models", "data", "interop"},
   "ablations": {"quant", "nn", "models", "data", "interop", "engine"},
   "bench": {"quant", "nn", "models", "data", "interop", "engine"},
+  "harness": {"quant", "nn", "models", "data", "interop", "engine"},
 }
 TOP = ("qlora_jax", "experiments", "configs")
 

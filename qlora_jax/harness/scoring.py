@@ -1,0 +1,140 @@
+"""Scoring and generation of lm-eval requests through a JAX causal LM.
+
+Rows run longest first in batches of `batch_size` rows (the last batch
+filled with copies of its first row), each batch padded to its longest
+row's bucket length (`requests.bucket`): a task compiles one program per
+bucket, not one per batch. Log-probabilities are float32 and taken over
+the whole vocabulary; the head runs over chunks of positions so that a
+batch never holds its full [B, L, vocab] logits.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax.harness import requests
+from qlora_jax.models import generation
+
+HEAD_CHUNK = 128  # positions per head call (SmolLM2: 25 MB a row)
+
+
+@dataclasses.dataclass
+class Model:
+  """A causal LM ready to score: its module, variables and context."""
+
+  module: object
+  variables: dict
+  max_length: int
+  pad_id: int
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _token_scores(module, variables, inputs, segments, targets):
+  """(log p(target), target is the argmax) per position, float32 [B, L]."""
+  hidden = module.apply(variables, inputs, segments, return_hidden=True)
+  b, length, width = hidden.shape
+  chunks = length // HEAD_CHUNK if length % HEAD_CHUNK == 0 else 1
+  h = hidden.reshape(b, chunks, -1, width).swapaxes(0, 1)
+  t = targets.reshape(b, chunks, -1).swapaxes(0, 1)
+
+  def one(xs):
+    hh, tt = xs
+    logits = module.apply(variables, None, hidden=hh).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, tt[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == tt
+
+  picked, greedy = jax.lax.map(one, (h, t))
+  return (
+    picked.swapaxes(0, 1).reshape(b, length),
+    greedy.swapaxes(0, 1).reshape(b, length),
+  )
+
+
+def _fill(rows: list, size: int) -> list:
+  return rows + [rows[0]] * (size - len(rows))
+
+
+def score(
+  model: Model, rows: Sequence[requests.Scored], batch_size: int
+) -> list[tuple[float, bool]]:
+  """(sum of the scored targets' log-probs, all of them greedy) per row."""
+  out: list[tuple[float, bool] | None] = [None] * len(rows)
+  order = requests.longest_first([r.inputs + r.targets[-1:] for r in rows])
+  for start in range(0, len(order), batch_size):
+    chosen = order[start : start + batch_size]
+    batch = _fill([rows[i] for i in chosen], batch_size)
+    width = requests.bucket(len(batch[0].inputs), model.max_length)
+    ids = np.full((batch_size, width), model.pad_id, np.int32)
+    segments = np.zeros((batch_size, width), np.int32)
+    targets = np.zeros((batch_size, width), np.int32)
+    for j, r in enumerate(batch):
+      n = len(r.inputs)
+      ids[j, :n] = r.inputs
+      segments[j, :n] = 1
+      targets[j, : n - 1] = r.inputs[1:]
+      targets[j, n - r.n_scored : n] = r.targets
+    picked, greedy = jax.device_get(
+      _token_scores(model.module, model.variables, ids, segments, targets)
+    )
+    for j, i in enumerate(chosen):
+      n, k = len(rows[i].inputs), rows[i].n_scored
+      out[i] = (
+        float(picked[j, n - k : n].sum(dtype=np.float64)),
+        bool(greedy[j, n - k : n].all()),
+      )
+  return out
+
+
+def generate(
+  model: Model,
+  prompts: Sequence[list[int]],
+  settings: requests.Generation,
+  end_ids: Sequence[int],
+  batch_size: int,
+  rng: jax.Array,
+) -> list[list[int]]:
+  """New tokens of each prompt (before its first end token; `end_ids`
+  may be empty), prompts cut from the left to the room `max_gen_toks`
+  leaves."""
+  room = model.max_length - settings.max_gen_toks
+  if room < 1:
+    raise ValueError(
+      f"max_gen_toks {settings.max_gen_toks} leaves no room for a prompt "
+      f"in the maximum length {model.max_length}"
+    )
+  prompts = [list(p)[-room:] for p in prompts]
+  out: list[list[int] | None] = [None] * len(prompts)
+  order = requests.longest_first(prompts)
+  for start in range(0, len(order), batch_size):
+    chosen = order[start : start + batch_size]
+    batch = _fill([prompts[i] for i in chosen], batch_size)
+    width = requests.bucket(len(batch[0]), room)
+    ids = np.full((batch_size, width), model.pad_id, np.int32)
+    mask = np.zeros((batch_size, width), np.int32)
+    for j, p in enumerate(batch):
+      ids[j, width - len(p) :] = p
+      mask[j, width - len(p) :] = 1
+    rng, sub = jax.random.split(rng)
+    new = generation.generate(
+      model.module,
+      model.variables,
+      ids,
+      mask,
+      max_new_tokens=settings.max_gen_toks,
+      eos_token_id=tuple(end_ids),
+      pad_token_id=model.pad_id,
+      temperature=settings.temperature,
+      top_k=settings.top_k,
+      top_p=settings.top_p,
+      rng=sub,
+    )
+    for j, i in enumerate(chosen):
+      row = [int(t) for t in np.asarray(new[j])]
+      ends = [k for k, t in enumerate(row) if t in end_ids]
+      out[i] = row[: ends[0]] if ends else row
+  return out
