@@ -89,6 +89,12 @@ def test_buckets_are_powers_of_two_up_to_the_maximum():
     requests.bucket(301, 300)
 
 
+def test_last_batch_is_a_power_of_two_of_rows():
+  sizes = [requests.batch_rows(n, 8) for n in (20, 8, 5, 3, 1)]
+  assert sizes == [8, 8, 8, 4, 1]
+  assert requests.batch_rows(3, 2) == 2
+
+
 def test_generation_settings_as_lm_eval_normalises_them():
   g = requests.generation({"until": "\n", "max_new_tokens": 5}, "</s>")
   assert g == requests.Generation(("\n", "</s>"), 5)

@@ -13,7 +13,7 @@ Pure Python, no lm_eval import (read lm_eval 0.4.13's api/model.py
   `max_length` tokens after the prefix token, each next one the following
   `max_length` tokens with as much context as fits, made disjoint;
 - requests run longest first (ties by token ids), in rows padded to a few
-  bucket lengths.
+  bucket lengths; a last, short batch gets a power of two of rows.
 """
 
 import dataclasses
@@ -110,6 +110,17 @@ def bucket(length: int, max_length: int, smallest: int = 32) -> int:
   while size < length:
     size *= 2
   return min(size, max_length)
+
+
+def batch_rows(remaining: int, batch_size: int) -> int:
+  """Rows of the next batch: `batch_size`, or for the last one the next
+  power of two of what remains (fewer copies of a row to fill it)."""
+  if remaining >= batch_size:
+    return batch_size
+  rows = 1
+  while rows < remaining:
+    rows *= 2
+  return min(rows, batch_size)
 
 
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:

@@ -1,11 +1,12 @@
 """Scoring and generation of lm-eval requests through a JAX causal LM.
 
-Rows run longest first in batches of `batch_size` rows (the last batch
-filled with copies of its first row), each batch padded to its longest
-row's bucket length (`requests.bucket`): a task compiles one program per
-bucket, not one per batch. Log-probabilities are float32 and taken over
-the whole vocabulary; the head runs over chunks of positions so that a
-batch never holds its full [B, L, vocab] logits.
+Rows run longest first in batches of `batch_size` rows (the last one of
+a power of two of rows, filled with copies of its first row), each batch
+padded to its longest row's bucket length (`requests.bucket`): a task
+compiles one program per bucket and row count, not one per batch.
+Log-probabilities are float32 and taken over the whole vocabulary; the
+head runs over chunks of positions so that a batch never holds its full
+[B, L, vocab] logits.
 """
 
 import dataclasses
@@ -55,6 +56,15 @@ def _token_scores(module, variables, inputs, segments, targets):
   )
 
 
+def _batches(n: int, batch_size: int):
+  """(start, rows) of each batch over `n` sorted rows."""
+  start = 0
+  while start < n:
+    size = requests.batch_rows(n - start, batch_size)
+    yield start, size
+    start += size
+
+
 def _fill(rows: list, size: int) -> list:
   return rows + [rows[0]] * (size - len(rows))
 
@@ -65,13 +75,13 @@ def score(
   """(sum of the scored targets' log-probs, all of them greedy) per row."""
   out: list[tuple[float, bool] | None] = [None] * len(rows)
   order = requests.longest_first([r.inputs + r.targets[-1:] for r in rows])
-  for start in range(0, len(order), batch_size):
-    chosen = order[start : start + batch_size]
-    batch = _fill([rows[i] for i in chosen], batch_size)
+  for start, size in _batches(len(order), batch_size):
+    chosen = order[start : start + size]
+    batch = _fill([rows[i] for i in chosen], size)
     width = requests.bucket(len(batch[0].inputs), model.max_length)
-    ids = np.full((batch_size, width), model.pad_id, np.int32)
-    segments = np.zeros((batch_size, width), np.int32)
-    targets = np.zeros((batch_size, width), np.int32)
+    ids = np.full((size, width), model.pad_id, np.int32)
+    segments = np.zeros((size, width), np.int32)
+    targets = np.zeros((size, width), np.int32)
     for j, r in enumerate(batch):
       n = len(r.inputs)
       ids[j, :n] = r.inputs
@@ -110,12 +120,12 @@ def generate(
   prompts = [list(p)[-room:] for p in prompts]
   out: list[list[int] | None] = [None] * len(prompts)
   order = requests.longest_first(prompts)
-  for start in range(0, len(order), batch_size):
-    chosen = order[start : start + batch_size]
-    batch = _fill([prompts[i] for i in chosen], batch_size)
+  for start, size in _batches(len(order), batch_size):
+    chosen = order[start : start + size]
+    batch = _fill([prompts[i] for i in chosen], size)
     width = requests.bucket(len(batch[0]), room)
-    ids = np.full((batch_size, width), model.pad_id, np.int32)
-    mask = np.zeros((batch_size, width), np.int32)
+    ids = np.full((size, width), model.pad_id, np.int32)
+    mask = np.zeros((size, width), np.int32)
     for j, p in enumerate(batch):
       ids[j, width - len(p) :] = p
       mask[j, width - len(p) :] = 1
