@@ -18,10 +18,10 @@ import os
 import tempfile
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from qlora_jax.bench import generate, workers
-from qlora_jax.engine import console, setup
+from qlora_jax.engine import cli, setup
 from qlora_jax.interop import gguf_convert
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "smollm2", "A GGUF file.")
@@ -65,7 +65,6 @@ def _run(impl: str, quantized: bool, batch: int, folder: str) -> dict:
 
 def main(argv):
   del argv
-  console.configure_logging()
   if _WORKER.value:
     _worker(_WORKER.value)
     return
@@ -119,4 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

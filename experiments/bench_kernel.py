@@ -26,10 +26,10 @@ unless asked for (small shapes). The last line is one JSON object.
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from qlora_jax.bench import kernel
-from qlora_jax.engine import console
+from qlora_jax.engine import cli
 
 _WEIGHTS = flags.DEFINE_list(
   "weights", ["4096x4096", "14336x4096"], "Weights as OUTxIN."
@@ -47,7 +47,6 @@ _PALLAS = flags.DEFINE_bool(
 
 def main(argv):
   del argv
-  console.configure_logging()
   device = jax.devices()[0]
   backend = jax.default_backend()
   use_pallas = _PALLAS.value
@@ -85,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,10 +15,10 @@ QLoRA ratios against the better LoRA baseline. Last line: JSON.
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from qlora_jax.bench import layers
-from qlora_jax.engine import console
+from qlora_jax.engine import cli
 from qlora_jax.engine.recipes import RECIPES as MODES
 
 _LAYERS = flags.DEFINE_integer("layers", 8, "Layers in the stack.")
@@ -31,7 +31,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per variant.")
 
 def main(argv):
   del argv
-  console.configure_logging()
   results = []
   for shape in _TOKENS.value:
     batch, seq = (int(v) for v in shape.split("x"))
@@ -80,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,11 +18,11 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from qlora_jax import quant
 from qlora_jax.bench import quant as bench
-from qlora_jax.engine import console
+from qlora_jax.engine import cli
 
 _SIZE = flags.DEFINE_integer("size", 4096, "Rows and columns of the weight.")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "Quantization block size.")
@@ -70,7 +70,6 @@ def _bitsandbytes(x: np.ndarray, block_size: int):
 
 def main(argv):
   del argv
-  console.configure_logging()
   n = _SIZE.value
   x_np = np.random.default_rng(0).standard_normal((n, n), np.float32)
   x = jax.numpy.asarray(x_np)
@@ -134,4 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

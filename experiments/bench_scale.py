@@ -31,10 +31,10 @@ line is one JSON object.
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
 from qlora_jax.bench import scale, scale_sweep, workers
-from qlora_jax.engine import console
+from qlora_jax.engine import cli
 
 _SHAPES = flags.DEFINE_list("shapes", ["1b", "3b", "7b", "13b"], "Shapes.")
 _MODES = flags.DEFINE_list(
@@ -107,7 +107,6 @@ def _worker(spec: str, sweep: scale_sweep.Sweep) -> dict:
 
 def main(argv):
   del argv
-  console.configure_logging()
   sweep = _sweep()
   if _WORKER.value:
     print(json.dumps(_worker(_WORKER.value, sweep)))
@@ -119,4 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,12 +22,12 @@ import json
 import os
 import tempfile
 
-from absl import app, flags
+from absl import flags
 
 from qlora_jax import models
 from qlora_jax.bench import train as bench_train
 from qlora_jax.bench import workers
-from qlora_jax.engine import console
+from qlora_jax.engine import cli
 from qlora_jax.engine.recipes import RECIPES as MODES
 from qlora_jax.interop import gguf_convert
 
@@ -83,7 +83,6 @@ def _run(impl: str, mode: str, checkpoint: str) -> dict:
 
 def main(argv):
   del argv
-  console.configure_logging()
   if _WORKER.value:
     _worker(_WORKER.value)
     return
@@ -133,4 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,9 +10,9 @@ per failing case, the share of identical 8-bit absmax codes, and
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from qlora_jax.engine import console
+from qlora_jax.engine import cli
 from qlora_jax.quant import parity
 
 _REF = flags.DEFINE_string("ref", None, "npz file of bitsandbytes vectors.")
@@ -21,7 +21,6 @@ flags.mark_flag_as_required("ref")
 
 def main(argv):
   del argv
-  console.configure_logging()
   with np.load(_REF.value) as ref:
     report = parity.run(ref)
   for case in report.cases:
@@ -39,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,9 +11,9 @@ them. DIR appears only when complete; an existing DIR is replaced only
 with --overwrite.
 """
 
-from absl import app, flags
+from absl import flags
 
-from qlora_jax.engine import console, export
+from qlora_jax.engine import cli, export
 from qlora_jax.interop import gguf_convert
 
 _GGUF = flags.DEFINE_string("gguf", None, "A .gguf file, or 'smollm2'.")
@@ -29,7 +29,6 @@ flags.mark_flags_as_required(["gguf", "out"])
 
 def main(argv):
   del argv
-  console.configure_logging()
   out = export.convert_gguf(
     _GGUF.value, _OUT.value, _DTYPE.value, overwrite=_OVERWRITE.value
   )
@@ -37,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -23,11 +23,9 @@ RUN/config.json and the trainable tree restored from the latest checkpoint
 (or --step).
 """
 
-import sys
-
 from absl import app, flags
 
-from qlora_jax.engine import console, export
+from qlora_jax.engine import cli, export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _OUT = flags.DEFINE_string("out", None, "Folder to write.")
@@ -51,11 +49,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  console.configure_logging()
-  try:
-    _export()
-  except ValueError as e:  # bad input: the message says all
-    sys.exit(f"error: {e}")
+  _export()
   print(f"wrote {_GGUF.value or _OUT.value}")
 
 
@@ -92,4 +86,4 @@ def _export() -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,9 +11,9 @@ quantization unless --quant names a data type.
 """
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from qlora_jax.engine import console
+from qlora_jax.engine import cli
 from qlora_jax.models import checkpoint_outputs
 
 _CHECKPOINT = flags.DEFINE_string(
@@ -33,7 +33,6 @@ flags.mark_flags_as_required(["checkpoint", "input_ids", "out"])
 
 def main(argv):
   del argv
-  console.configure_logging()
   outputs = checkpoint_outputs(
     _CHECKPOINT.value,
     np.load(_INPUT_IDS.value),
@@ -46,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,15 +13,14 @@ mode that fits `--device_memory` (default: this machine's memory). Nothing
 is loaded or allocated.
 """
 
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from qlora_jax import models
 from qlora_jax.bench import families
-from qlora_jax.engine import console, lowering, memory, memory_check, setup
+from qlora_jax.engine import cli, lowering, memory, memory_check, setup
 from qlora_jax.engine.settings import DTYPES, Settings
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,16 +49,12 @@ _SHAPES = flags.DEFINE_bool(
 
 def main(argv):
   del argv
-  console.configure_logging()
-  try:
-    s = Settings.from_config(_CONFIG.value)
-    device_memory = (
-      memory.parse_bytes(_MEMORY.value)
-      if _MEMORY.value
-      else memory_check.available_memory()
-    )
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  s = Settings.from_config(_CONFIG.value)
+  device_memory = (
+    memory.parse_bytes(_MEMORY.value)
+    if _MEMORY.value
+    else memory_check.available_memory()
+  )
   if s.model.checkpoint:
     config = models.checkpoint_config(
       setup.resolve_checkpoint(s.model.checkpoint)
@@ -117,4 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -15,11 +15,11 @@ last line printed is one JSON object of the means.
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from qlora_jax.ablations import merging, results
-from qlora_jax.engine import console
+from qlora_jax.engine import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/table8_merge.py")
 _WORKDIR = flags.DEFINE_string("workdir", "results/table8", "Output folder.")
@@ -28,7 +28,6 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
 
 def main(argv):
   del argv
-  console.configure_logging()
   out = pathlib.Path(_WORKDIR.value)
   out.mkdir(parents=True, exist_ok=True)
   seeds = [int(s) for s in _SEEDS.value]
@@ -46,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

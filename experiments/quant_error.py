@@ -23,7 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qlora_jax.ablations import corpora, perplexity, quant_error, sweep
-from qlora_jax.engine import console, setup
+from qlora_jax.engine import cli, setup
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", "configs/table1_dtypes.py", "Table 1's config file."
@@ -43,7 +43,6 @@ flags.mark_flag_as_required("workdir")
 
 def main(argv):
   del argv
-  console.configure_logging()
   c = _CONFIG.value
   checkpoint = setup.resolve_checkpoint(_CHECKPOINT.value or c.checkpoint)
   out = pathlib.Path(_WORKDIR.value)
@@ -83,4 +82,4 @@ def _perplexity(c, checkpoint, out):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,11 +10,11 @@ Then `python -m experiments.tables --sweep DIR` renders the results.
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from qlora_jax.ablations import sweep
-from qlora_jax.engine import console
+from qlora_jax.engine import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
@@ -23,7 +23,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  console.configure_logging()
   path = flags.FLAGS["config"].config_filename
   module = sweep.config_module(path)
   if not hasattr(module, "get_sweep"):
@@ -36,4 +35,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,10 +3,10 @@
 python -m experiments.tables --sweep DIR [--out DIR/tables]
 """
 
-from absl import app, flags
+from absl import flags
 
 from qlora_jax.ablations import tables
-from qlora_jax.engine import console
+from qlora_jax.engine import cli
 
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep directory.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default SWEEP/tables).")
@@ -15,7 +15,6 @@ flags.mark_flag_as_required("sweep")
 
 def main(argv):
   del argv
-  console.configure_logging()
   paths = tables.write(_SWEEP.value, _OUT.value)
   for path in paths:
     print(path)
@@ -23,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,13 +8,10 @@ Re-running the command resumes the run from its last checkpoint; a
 workdir made by another config is refused (naming the differing fields).
 """
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from qlora_jax.engine import console, train
-from qlora_jax.engine.workdir import WorkdirError
+from qlora_jax.engine import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", "configs/default.py", "Config file.", lock_config=True
@@ -30,12 +27,8 @@ _ALLOW = flags.DEFINE_bool(
 
 def main(argv):
   del argv
-  console.configure_logging()
-  try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW.value)
-  except (ValueError, WorkdirError) as e:  # bad input: the message says all
-    sys.exit(f"error: {e}")
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,8 +4,10 @@ stdout carries the report: the pipeline summary, a line per evaluation,
 sample predictions, the final metrics and where the outputs went. The
 progress line goes to stderr: a tqdm bar on a terminal, else a plain line
 per `train.log_every` steps. Log records are for debugging: entry points
-call `configure_logging()`, which keeps absl at WARNING unless `-v` is
-given and drops orbax's records below WARNING in any case.
+call `configure_logging()` (through `cli.run`), which keeps absl at WARNING
+unless `-v` is given, drops orbax's records below WARNING in any case, and
+its logged tracebacks (an error the entry point reports in one line, or a
+Ctrl-C in a save) unless `-v 1`.
 """
 
 import dataclasses
@@ -25,20 +27,28 @@ from qlora_jax import quant
 from qlora_jax.engine.settings import CLASSIFICATION, Settings
 
 
-class _DropOrbaxInfo(std_logging.Filter):
+class _QuietOrbax(std_logging.Filter):
+  tracebacks = False  # orbax's logged tracebacks shown (-v 1)
+
   def filter(self, record: std_logging.LogRecord) -> bool:
     quiet = "orbax" in record.pathname or "tensorstore" in record.pathname
-    return record.levelno >= std_logging.WARNING or not quiet
+    if not quiet:
+      return True
+    if record.levelno < std_logging.WARNING:
+      return False
+    return record.exc_info is None or self.tracebacks
 
 
-_FILTER = _DropOrbaxInfo()
+_FILTER = _QuietOrbax()
 
 
 def configure_logging() -> None:
-  """absl at WARNING unless `-v`/`--verbosity` was given; no orbax INFO."""
+  """absl at WARNING unless `-v`/`--verbosity` was given; no orbax INFO,
+  no orbax traceback unless -v 1."""
   verbosity = flags.FLAGS["verbosity"] if "verbosity" in flags.FLAGS else None
   if verbosity is None or not verbosity.present:
     logging.set_verbosity(logging.WARNING)
+  _FILTER.tracebacks = verbosity is not None and verbosity.value >= 1
   handler = logging.get_absl_handler()
   if _FILTER not in handler.filters:
     handler.addFilter(_FILTER)
