@@ -5,6 +5,7 @@ field, file or tensor, and the workdir must be byte for byte what it was
 (hashed before and after). Runs use the tiny BERT classifier.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from configs import default
 from qlora_jax import models
 from qlora_jax import nn as qnn
 from qlora_jax.engine import export, train
+from qlora_jax.engine.checkpoint import Checkpoints, CheckpointWriteError
 from qlora_jax.engine.metrics import read_metrics
 from qlora_jax.engine.settings import ConfigError, Settings
 from qlora_jax.engine.workdir import LOCK, WorkdirError
@@ -251,3 +254,49 @@ def test_recorded_paths_are_absolute(finished):
     assert pathlib.Path(value).is_absolute(), value
   s = Settings.from_config(recorded)
   assert s.to_dict() == recorded
+
+
+@contextlib.contextmanager
+def _unwritable(folder: pathlib.Path):
+  """`folder` refuses new entries, root's processes included (chattr +i
+  where chmod does not bind); skips where neither is possible."""
+  if os.geteuid() != 0:
+    folder.chmod(0o555)
+    undo = ["chmod", "755", str(folder)]
+  elif subprocess.run(["chattr", "+i", str(folder)], check=False).returncode:
+    pytest.skip("no way to make a folder unwritable for root here")
+  else:
+    undo = ["chattr", "-i", str(folder)]
+  try:
+    with pytest.raises(OSError):
+      (folder / "probe").mkdir()
+    yield
+  finally:
+    subprocess.run(undo, check=True)
+
+
+def test_a_checkpoint_that_cannot_be_written_ends_the_run(finished, tmp_path):
+  # A finished run rerun with more steps, its checkpoints/ not writable:
+  # was a PermissionError, then a process that never exited (orbax's
+  # threads waiting 300 s each for the step's folder). The loop saves
+  # through `Checkpoints.save`, as here.
+  workdir = _copy(finished, tmp_path)
+  checkpoints = Checkpoints(workdir, keep=3)
+  state, meta = checkpoints.read(4)
+  threads = set(threading.enumerate())
+  with (
+    _unwritable(workdir / "checkpoints"),
+    pytest.raises(CheckpointWriteError) as e,
+  ):
+    checkpoints.save(6, state, meta)
+  assert str(e.value).startswith(
+    f"checkpoint 6 could not be written to {workdir / 'checkpoints'} "
+    "(PermissionError: "
+  )
+  left = [
+    t
+    for t in set(threading.enumerate()) - threads
+    if t.is_alive() and not t.daemon
+  ]
+  assert not left, left  # nothing keeps the process from exiting
+  assert checkpoints.all_steps() == [2, 4]

@@ -14,6 +14,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint that could not be written; the run stops."""
+
+
 class Checkpoints:
   """The CheckpointManager of a workdir (`<workdir>/checkpoints`)."""
 
@@ -24,7 +28,14 @@ class Checkpoints:
         f"got {keep}"
       )
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      create=True,
+      # A step's folder is made in the saving thread: a folder that cannot
+      # be made raises there, instead of leaving orbax's writer threads
+      # waiting (300 s each) for a folder that never comes.
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+    )
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=options,
@@ -38,16 +49,44 @@ class Checkpoints:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Saves and waits: a kill after this returns loses nothing saved."""
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-      ),
-      force=True,
-    )
-    self._manager.wait_until_finished()
+    """Saves and waits: a kill after this returns loses nothing saved.
+
+    Raises:
+      CheckpointWriteError: the write failed (a folder not writable, a
+        full disk); the manager is shut down first, so that no background
+        thread of orbax keeps the process alive.
+    """
+    try:
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+        ),
+        force=True,
+      )
+      self._manager.wait_until_finished()
+    except BaseException as e:
+      self._shut_down()
+      if not isinstance(e, Exception):  # Ctrl-C: stop as asked
+        raise
+      first = (str(e).strip().splitlines() or [""])[0][:300]
+      raise CheckpointWriteError(
+        f"checkpoint {step} could not be written to {self.directory} "
+        f"({type(e).__name__}: {first}); make the folder writable or free "
+        "space, then run again: the run resumes from the last checkpoint"
+      ) from e
     logging.debug("saved checkpoint %d to %s", step, self.directory)
+
+  def _shut_down(self) -> None:
+    """Closes the manager after a failed save. Its first close raises the
+    save's error again (once per thread) before closing anything, so a
+    second one closes it; their errors are only logged."""
+    for _ in range(2):
+      try:
+        self._manager.close()
+        return
+      except Exception as e:  # noqa: BLE001 - the save's error is the one
+        logging.debug("closing %s after a failed save: %s", self.directory, e)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """(state, meta) of checkpoint `step`, with `abstract_state`'s shardings."""
