@@ -28,6 +28,7 @@ from qlora_jax.engine.checkpoint import Checkpoints, CheckpointWriteError
 from qlora_jax.engine.metrics import read_metrics
 from qlora_jax.engine.settings import ConfigError, Settings
 from qlora_jax.engine.workdir import LOCK, WorkdirError
+from qlora_jax.models.gguf_header import GGUFFile
 from tests import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -300,3 +301,22 @@ def test_a_checkpoint_that_cannot_be_written_ends_the_run(finished, tmp_path):
   ]
   assert not left, left  # nothing keeps the process from exiting
   assert checkpoints.all_steps() == [2, 4]
+
+
+def test_a_gguf_token_list_cut_short_is_named():
+  # The merges name tokens that a cut list no longer holds: was a bare
+  # tokenizers "Token `lo` out of vocabulary" exception.
+  tokens = ["l", "o", "w", "lo", "low"]
+  merges = ["l o", "lo w"]
+  path = pathlib.Path("/models/cut.gguf")
+  meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": merges}
+  whole = GGUFFile(path, {**meta, "tokenizer.ggml.tokens": tokens}, {})
+  assert models.gguf_tokenizer(whole).tokenizer.encode("low").ids == [4]
+  cut = GGUFFile(path, {**meta, "tokenizer.ggml.tokens": tokens[:3]}, {})
+  with pytest.raises(models.CheckpointError) as e:
+    models.gguf_tokenizer(cut)
+  assert str(e.value).startswith(
+    f"{path}: metadata key 'tokenizer.ggml.merges' entry 0 (l o) needs the "
+    "token 'lo', which is not among the 3 tokens of 'tokenizer.ggml.tokens' "
+    "(out of vocabulary)"
+  )

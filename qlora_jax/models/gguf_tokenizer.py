@@ -188,13 +188,30 @@ def _byte_level_bpe(f: GGUFFile, tokens: list[str]):
     for t in tokens
   ]
   vocab = {t: i for i, t in enumerate(spelled)}
-  tok = tokenizers.Tokenizer(
-    BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="")
-  )
+  _check_merges(f, merges, vocab)
+  bpe = BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="")
+  tok = tokenizers.Tokenizer(bpe)
   prefix = f.get("tokenizer.ggml.add_space_prefix", bool, False)
   tok.pre_tokenizer = _pre_tokenizer(f, prefix)
   tok.decoder = decoders.ByteLevel()
   return tok, spelled
+
+
+def _check_merges(
+  f: GGUFFile, merges: list[tuple[str, str]], vocab: dict[str, int]
+) -> None:
+  """Each merge's two tokens and their join must be in `vocab` (tokenizers
+  raises, or panics, on the first that is not)."""
+  for i, (left, right) in enumerate(merges):
+    for token in (left, right, left + right):
+      if token not in vocab:
+        raise CheckpointError(
+          f"{f.path}: metadata key 'tokenizer.ggml.merges' entry {i} "
+          f"({left} {right}) needs the token {token!r}, which is not among "
+          f"the {len(vocab)} tokens of 'tokenizer.ggml.tokens' (out of "
+          "vocabulary): the token list is cut short, or the merges belong "
+          "to another vocabulary"
+        )
 
 
 def _recovered_merges(
