@@ -16,10 +16,11 @@ an existing file only with --overwrite (checked before the model loads).
 """
 
 import json
+import sys
 
 from absl import app, flags
 
-from qlora_jax.engine import console, predict
+from qlora_jax.engine import cli, predict, prompt_fit
 from qlora_jax.engine.settings import CAUSAL_LM, CLASSIFICATION
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
@@ -42,6 +43,9 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
+  prompt_fit.check_options(
+    _NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _BATCH.value
+  )
   if _CHAT.value:
     _chat()
     return
@@ -53,7 +57,6 @@ def main(argv):
     predict.check_out(
       _WORKDIR.value, _INPUT.value, _OUT.value, _OVERWRITE.value
     )
-  console.configure_logging()
   predictor = predict.load(_WORKDIR.value, _STEP.value)
   kwargs = {}
   if _BATCH.value:
@@ -84,13 +87,14 @@ def main(argv):
 def _chat() -> None:
   """A line in, the fine-tuned model's streamed answer out; the
   conversation so far is the context. An empty line or EOF ends it."""
-  console.configure_logging()
   predictor = predict.load(_WORKDIR.value, _STEP.value)
   messages = []
   print("chat with the fine-tuned model (an empty line ends it)", flush=True)
+  # Bytes that are not UTF-8 reach `_decoded` as surrogates.
+  sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
   while True:
     try:
-      line = input("> ")
+      line = _decoded(input("> "))
     except EOFError:
       break
     if not line.strip():
@@ -112,5 +116,20 @@ def _chat() -> None:
     messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _decoded(line: str) -> str:
+  """`line` with bytes that are not UTF-8 replaced by U+FFFD, saying so."""
+  raw = line.encode("utf-8", "surrogateescape")
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    print(
+      f"warning: the input is not valid UTF-8 ({e.reason} at byte "
+      f"{e.start}): such bytes read as U+FFFD",
+      file=sys.stderr,
+      flush=True,
+    )
+    return raw.decode("utf-8", "replace")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

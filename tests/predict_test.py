@@ -97,10 +97,15 @@ def _reference_greedy(predictor, prompt: str, max_new_tokens: int) -> str:
   cache, no left padding): an independent path to the same tokens. Rows
   are right-padded to one length (causal attention: the padding cannot
   change the logits before it), so that the forward pass compiles once."""
+  ids = predict.prompt_ids(predictor.tokenizer, [prompt])[0]
+  return _reference_greedy_ids(predictor, ids, max_new_tokens)
+
+
+def _reference_greedy_ids(predictor, ids: list[int], max_new_tokens: int):
+  """`_reference_greedy` of a prompt given as token ids."""
   tok = predictor.tokenizer
   lm = predictor.run.lm
   apply = jax.jit(lm.model.apply)
-  ids = predict.prompt_ids(tok, [prompt])[0]
   width = len(ids) + max_new_tokens
   new = []
   for _ in range(max_new_tokens):
@@ -123,6 +128,21 @@ def test_greedy_completions_match_full_recomputation(language_model):
   want = [_reference_greedy(language_model, p, 6) for p in prompts]
   assert got == want
   assert any(got)  # the tuned model says something
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(language_model, caplog):
+  # The tiny Llama has 64 positions: 6 new tokens leave room for 58.
+  long = " ".join(WORDS[i % len(WORDS)] for i in range(200))
+  ids = predict.prompt_ids(language_model.tokenizer, [long])[0]
+  assert len(ids) > 100
+  (got,) = predict.complete(language_model, [long], max_new_tokens=6)
+  assert got == _reference_greedy_ids(language_model, ids[-58:], 6)
+  assert (
+    "1 prompt(s) longer than the model's 64-token context less 6 new (58 "
+    f"tokens; the longest has {len(ids)})" in caplog.text
+  )
+  with pytest.raises(ValueError, match="max_new_tokens 64 leaves no room"):
+    predict.complete(language_model, ["the of"], max_new_tokens=64)
 
 
 def test_sampling_is_seeded(language_model):
@@ -211,7 +231,11 @@ def test_chat_streams_what_batched_generation_gives(chat_model):
   # prompt as one user turn with the template, as chat does).
   (batched,) = predict.complete(p, ["the of and"], max_new_tokens=6)
   assert streamed == batched
-  # The command line: a line in, the streamed answer out, an empty line ends.
+  # The command line: a line in, the streamed answer out, an empty line
+  # ends. Then a line that is not UTF-8 (was a TypeError) and far longer
+  # than the model's 64 positions (SmolLM2: 45.9 GB asked for): answered,
+  # with a warning for each.
+  long = " ".join(WORDS[i % len(WORDS)] for i in range(2000))
   proc = subprocess.run(
     [
       sys.executable,
@@ -222,11 +246,19 @@ def test_chat_streams_what_batched_generation_gives(chat_model):
       "--max_new_tokens=6",
     ],
     cwd=ROOT,
-    input="the of and\n\n",
+    input=b"the of and\nthe \xff\xfe " + long.encode() + b"\n\n",
     capture_output=True,
-    text=True,
     check=False,
     env=dict(os.environ, JAX_PLATFORMS="cpu"),
   )
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert f"> {streamed}\n" in proc.stdout
+  out, err = proc.stdout.decode(), proc.stderr.decode()
+  assert proc.returncode == 0, err[-2000:]
+  assert out.startswith(
+    f"chat with the fine-tuned model (an empty line ends it)\n> {streamed}\n> "
+  )
+  assert out.count("\n> ") == 3 and out.endswith("\n> ")  # 2 answers
+  assert (
+    "warning: the input is not valid UTF-8 (invalid start byte at byte 4): "
+    "such bytes read as U+FFFD"
+  ) in err
+  assert "1 conversation(s) longer than the model's 64-token context" in err

@@ -8,6 +8,7 @@ field, file or tensor, and the workdir must be byte for byte what it was
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -21,9 +22,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from configs import default
-from qlora_jax import models
+from qlora_jax import data, models
 from qlora_jax import nn as qnn
-from qlora_jax.engine import export, train
+from qlora_jax.engine import answers, export, train
 from qlora_jax.engine.checkpoint import Checkpoints, CheckpointWriteError
 from qlora_jax.engine.metrics import read_metrics
 from qlora_jax.engine.settings import ConfigError, Settings
@@ -319,4 +320,24 @@ def test_a_gguf_token_list_cut_short_is_named():
     f"{path}: metadata key 'tokenizer.ggml.merges' entry 0 (l o) needs the "
     "token 'lo', which is not among the 3 tokens of 'tokenizer.ggml.tokens' "
     "(out of vocabulary)"
+  )
+
+
+def test_eval_prompts_longer_than_max_length_keep_their_end(caplog):
+  # Answers generated at evaluation: a prompt over data.max_length keeps
+  # its last tokens (the question's end and the turn), and says so.
+  tok = data.Tokenizer.from_folder(ROOT / "tests/data/hf/llama_gqa")
+  long = " ".join(tiny_config.FIRST * 4)
+  examples = [
+    data.InstructionExample(long, "of", "eval.jsonl:1"),
+    data.InstructionExample("the", "of", "eval.jsonl:2"),
+  ]
+  full = data.prompt_and_answer(examples[0], tok)[0]
+  assert len(full) > 16
+  with caplog.at_level(logging.WARNING):
+    prompts = answers.make_prompts(examples, tok, max_length=16)
+  assert prompts.ids[0].tolist() == full[-16:]
+  assert (
+    "1 eval prompt(s) longer than data.max_length (16 tokens; the longest "
+    f"has {len(full)})" in caplog.text
   )

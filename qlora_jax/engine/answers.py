@@ -16,6 +16,7 @@ import numpy as np
 
 from qlora_jax import data, models
 from qlora_jax import nn as qnn
+from qlora_jax.engine import prompt_fit
 
 
 @dataclasses.dataclass
@@ -32,13 +33,15 @@ def make_prompts(
   examples: Sequence, tokenizer: data.Tokenizer, max_length: int
 ) -> Prompts:
   """The prompts of `examples`; one longer than `max_length` keeps its
-  last `max_length` tokens (the end of the question and the turn)."""
+  last `max_length` tokens (the end of the question and the turn), with a
+  warning (`prompt_fit.fit`)."""
   rows, answers, texts = [], [], []
   for e in examples:
     ids, answer = data.prompt_and_answer(e, tokenizer)
-    rows.append(ids[-max_length:])
+    rows.append(ids)
     answers.append(answer)
     texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+  rows = prompt_fit.fit(rows, max_length, "eval prompt", "data.max_length")
   width = max(len(r) for r in rows)
   ids = np.full((len(rows), width), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(rows), width), np.int32)

@@ -24,7 +24,7 @@ import numpy as np
 from qlora_jax.data import arrays
 from qlora_jax.data.readers import read_records
 from qlora_jax.data.tokenizer import Tokenizer
-from qlora_jax.engine import losses, outputs, restore, setup
+from qlora_jax.engine import losses, outputs, prompt_fit, restore, setup
 from qlora_jax.engine.settings import CAUSAL_LM, CLASSIFICATION
 from qlora_jax.models import generation
 
@@ -174,8 +174,10 @@ def complete(
 
   Prompts are left-padded to the longest one; a completion ends at the
   tokenizer's end token (EOS, else SEP; without either, the model's EOS)
-  or after `max_new_tokens`.
+  or after `max_new_tokens`. A prompt longer than the model's context
+  leaves beside `max_new_tokens` keeps its last tokens (`prompt_fit`).
   """
+  prompt_fit.check_options(max_new_tokens, temperature, top_k, top_p)
   if predictor.task != CAUSAL_LM:
     raise ValueError(
       f"the run's model.task is {predictor.task!r}: complete needs a "
@@ -184,14 +186,15 @@ def complete(
   if not prompts:
     return []
   tok = predictor.tokenizer
-  rows = prompt_ids(tok, prompts)
+  lm = predictor.run.lm
+  room, limit = prompt_fit.room(lm.config.max_positions, max_new_tokens)
+  rows = prompt_fit.fit(prompt_ids(tok, prompts), room, "prompt", limit)
   width = max(len(r) for r in rows)
   ids = np.full((len(rows), width), tok.pad_id, np.int32)
   mask = np.zeros((len(rows), width), np.int32)
   for i, r in enumerate(rows):
     ids[i, width - len(r) :] = r
     mask[i, width - len(r) :] = 1
-  lm = predictor.run.lm
   if tok.end_id is not None:
     eos = [tok.end_id]
   else:
@@ -231,12 +234,16 @@ def chat_reply(
 ):
   """Yields the assistant's next message, piece by piece (text), for a
   conversation rendered with the checkpoint's chat template; it ends at
-  the end-of-turn token."""
+  the end-of-turn token. A conversation longer than the model's context
+  leaves beside `max_new_tokens` keeps its last tokens (`prompt_fit`)."""
+  prompt_fit.check_options(max_new_tokens, temperature, top_k, top_p)
   tok = predictor.tokenizer
   if tok.chat_template is None:
     raise ValueError("the run's tokenizer has no chat template: no chat")
   lm = predictor.run.lm
+  room, limit = prompt_fit.room(lm.config.max_positions, max_new_tokens)
   ids = tok.encode_offsets(tok.apply_chat_template(messages, True))[0]
+  (ids,) = prompt_fit.fit([ids], room, "conversation", limit)
   ends = [tok.end_id] if tok.end_id is not None else []
   ends += list(getattr(lm.config, "eos_token_ids", ()))
   tokens, shown = [], ""
