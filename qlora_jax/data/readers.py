@@ -113,6 +113,12 @@ def read_instruction_jsonl(
     if "messages" in obj:
       examples.append(ChatExample(_messages_field(obj, where), where))
       continue
+    if "prompt" not in obj and "text" in obj:
+      raise ValueError(
+        f'{where}: missing field "prompt": this is instruction data '
+        '({"prompt", "completion"} or {"messages"} rows); a {"text"} row '
+        "is plain text, which data.instruction=False trains on"
+      )
     examples.append(
       InstructionExample(
         prompt=_text_field(obj, "prompt", where, allow_empty=True),
