@@ -3,7 +3,8 @@ renders it (`apply_chat_template(..., tokenize=False)`).
 
 The environment is the one transformers builds: sandboxed, `trim_blocks`
 and `lstrip_blocks`, the `raise_exception` and `strftime_now` functions,
-`tojson` keeping non-ASCII text, and the special tokens as variables.
+`tojson` keeping non-ASCII text, and the special tokens as variables. A
+rendering runs under a time and size budget (`template_limits`).
 """
 
 import datetime
@@ -13,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jinja2
-from jinja2 import sandbox
+
+from qlora_jax.data import template_limits
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -38,7 +40,7 @@ def _tojson(value, indent=None, separators=None, sort_keys=False):
 
 @functools.lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-  env = sandbox.ImmutableSandboxedEnvironment(
+  env = template_limits.Environment(
     trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
   )
   env.filters["tojson"] = _tojson
@@ -73,16 +75,25 @@ def render(
   messages: Sequence[Mapping[str, Any]],
   add_generation_prompt: bool = False,
   special_tokens: Mapping[str, str] | None = None,
+  source: str = "chat template",
 ) -> str:
-  """The conversation as text, ready to tokenize without special tokens."""
+  """The conversation as text, ready to tokenize without special tokens;
+  `source` (where the template came from) names it in a budget error."""
   check_messages(messages, "chat")
+  variables = dict(
+    messages=[dict(m) for m in messages],
+    add_generation_prompt=add_generation_prompt,
+    **dict(special_tokens or {}),
+  )
   try:
-    return _compile(template).render(
-      messages=[dict(m) for m in messages],
-      add_generation_prompt=add_generation_prompt,
-      **dict(special_tokens or {}),
-    )
+    return template_limits.render(_compile(template), variables)
   except TemplateError:
     raise
+  except template_limits.BudgetError as e:
+    raise TemplateError(
+      f"{source}: the chat template was stopped: {e} (the budget of one "
+      f"rendering is {template_limits.MAX_SECONDS:g} s and "
+      f"{template_limits.MAX_CHARS:,} characters); fix or replace it"
+    ) from e
   except jinja2.TemplateError as e:
     raise TemplateError(f"the chat template failed to render: {e}") from e

@@ -61,6 +61,7 @@ class Tokenizer:
     special: SpecialTokens | None = None,
     pad_fallback: str = "eos",
     chat_template: str | None = None,
+    template_source: str = "chat template",
   ):
     if pad_fallback not in PAD_FALLBACKS:
       raise ValueError(
@@ -72,6 +73,7 @@ class Tokenizer:
     self.special = special or SpecialTokens(**_guess_from_vocab(self._tok))
     self.pad_fallback = pad_fallback
     self.chat_template = chat_template
+    self.template_source = template_source  # where errors say it is from
     self._affixes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
   @classmethod
@@ -88,15 +90,14 @@ class Tokenizer:
     """A checkpoint folder holding `tokenizer.json` and maybe its configs."""
     tok = _load_json_tokenizer(os.path.join(folder, TOKENIZER_FILE))
     special = SpecialTokens(**_special_from_folder(folder, tok))
-    template = _read_json(os.path.join(folder, "tokenizer_config.json")).get(
-      "chat_template"
-    )
+    config = os.path.join(folder, "tokenizer_config.json")
+    template = _read_json(config).get("chat_template")
     if template is not None and not isinstance(template, str):
       raise ValueError(
-        f"{os.path.join(folder, 'tokenizer_config.json')}: chat_template "
-        "must be a string (named templates are not supported)"
+        f"{config}: chat_template must be a string (named templates are "
+        "not supported)"
       )
-    return cls(tok, special, pad_fallback, template)
+    return cls(tok, special, pad_fallback, template, f"{config} chat_template")
 
   @classmethod
   def load(
@@ -224,7 +225,11 @@ class Tokenizer:
     if self.chat_template is None:
       raise ValueError("the tokenizer has no chat template")
     return chat.render(
-      self.chat_template, messages, add_generation_prompt, self.token_strings()
+      self.chat_template,
+      messages,
+      add_generation_prompt,
+      self.token_strings(),
+      self.template_source,
     )
 
   def decode(

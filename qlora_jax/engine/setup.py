@@ -77,7 +77,12 @@ def load_tokenizer(path: pathlib.Path) -> data.Tokenizer | None:
       eos=ids.get("eos_token"),
       unk=ids.get("unk_token"),
     )
-    return data.Tokenizer(g.tokenizer, special, chat_template=g.chat_template)
+    return data.Tokenizer(
+      g.tokenizer,
+      special,
+      chat_template=g.chat_template,
+      template_source=f"{path} tokenizer.chat_template",
+    )
   if not (path / "tokenizer.json").is_file():
     return None
   return data.Tokenizer.load(path)
