@@ -40,6 +40,9 @@ CASES = [
   (dict(lora__qa=True, lora__dora=True), "lora.qa", "no dora"),
   (dict(lora__qa=True), "lora.qa", "int4_asym"),  # over nf4
   (dict(lora__rank_pattern={"q_proj": 0}), "lora.rank_pattern", ">= 1"),
+  (dict(lora__alpha=0.0), "lora.alpha", "the adapter a no-op"),
+  (dict(lora__alpha=float("nan")), "lora.alpha", "must be finite"),
+  (dict(lora__alpha_pattern={"q_proj": 0}), "lora.alpha_pattern", "no-op"),
   (dict(opt__learning_rate=0.0), "opt.learning_rate", "> 0"),
   (dict(opt__schedule="step"), "opt.schedule", "unknown value 'step'"),
   (dict(opt__b2=1.0), "opt.b2", "[0, 1)"),

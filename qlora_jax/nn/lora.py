@@ -31,7 +31,8 @@ class LoraSpec:
 
   Attributes:
     rank: r.
-    alpha: scale numerator: scale = alpha / r (alpha / sqrt(r) with rslora).
+    alpha: scale numerator: scale = alpha / r (alpha / sqrt(r) with rslora);
+      finite and not 0 (at 0 the adapter would be a no-op).
     rslora: use rank-stabilised scaling.
     dropout: dropout rate on the adapter input.
     init: "kaiming" (PEFT's default: A kaiming-uniform, B = 0), "gaussian"
@@ -59,6 +60,13 @@ class LoraSpec:
       raise SpecError("rank", f"must be >= 1, got {self.rank}")
     if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
       raise SpecError("alpha", f"expected a number, got {self.alpha!r}")
+    if not math.isfinite(self.alpha) or self.alpha == 0:
+      raise SpecError(
+        "alpha",
+        f"must be finite and not 0, got {self.alpha}: the update is scaled "
+        "by alpha / r, so alpha 0 makes the adapter a no-op (lora_a and "
+        "lora_b never train)",
+      )
     if self.init not in INITS:
       raise SpecError(
         "init", f"unknown lora init {self.init!r}: expected one of {INITS}"

@@ -142,6 +142,11 @@ class LoraTargets:
           "rank_pattern",
           f"{regex!r}: rank must be a whole number >= 1, got {rank!r}",
         )
+    for regex, alpha in self.alpha_pattern:
+      try:  # LoraSpec owns the rule for alpha
+        dataclasses.replace(self.spec, alpha=alpha)
+      except SpecError as e:
+        raise SpecError("alpha_pattern", f"{regex!r}: {e.reason}") from None
 
   @classmethod
   def parse(cls, value: "LoraTargets | Mapping | None") -> "LoraTargets | None":
