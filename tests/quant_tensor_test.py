@@ -280,3 +280,47 @@ def test_vmap_over_stacked_tensors_of_one_spec():
     np.testing.assert_array_equal(
       np.asarray(out[i]), np.asarray(quant.dequantize(qt))
     )
+
+
+@pytest.mark.parametrize("data_type", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("exponent", [123, 127])  # 1.1e37 and 1.7e38
+def test_magnitudes_up_to_float32_max_quantize_as_scaled_copies(
+  data_type, double_quant, exponent
+):
+  # Reference: scaling by a power of two is exact, so x * 2**e has the
+  # codes of x and its scales times 2**e. 96 blocks whose absmaxes sum
+  # past float32's range (the double-quant offset is their mean), at
+  # 2**127 with reciprocals below float32's normal range.
+  x = np.random.default_rng(0).uniform(-1, 1, (64, 96)).astype(np.float32)
+  big = x * np.float32(2.0**exponent)
+  small_q = quant.quantize(x, data_type, 64, double_quant)
+  big_q = quant.quantize(big, data_type, 64, double_quant, name="w")
+  np.testing.assert_array_equal(big_q.codes, small_q.codes)
+  small = np.asarray(quant.dequantize(small_q))
+  np.testing.assert_array_equal(
+    np.asarray(quant.dequantize(big_q)), small * np.float32(2.0**exponent)
+  )
+  assert np.abs(small - x).max() < 0.2  # and those codes are x's
+
+
+def test_float32_max_round_trips_finite_with_double_quant():
+  # Blocks of absmax between 0.1x and 1x float32's largest value: the
+  # centred absmaxes and their 8-bit codes reach it.
+  top = np.finfo(np.float32).max
+  rng = np.random.default_rng(0)
+  scale = rng.uniform(0.1, 1.0, (64, 1)).astype(np.float32) * top
+  scale[:2] = top
+  x = (rng.uniform(-1, 1, (64, 64)) * scale).astype(np.float32)
+  x[:, 0] = scale[:, 0]
+  y = np.asarray(quant.dequantize(quant.quantize(x, "nf4", 64, True)))
+  assert np.isfinite(y).all()
+  np.testing.assert_allclose(y[:, 0], x[:, 0], rtol=0.05)
+
+
+def test_asymmetric_types_refuse_what_float16_scales_cannot_hold():
+  x = np.linspace(-6e4, 6e4, 256, dtype=np.float32)
+  y = np.asarray(quant.dequantize(quant.quantize(x, "int4_asym", 32)))
+  assert np.isfinite(y).all()
+  with pytest.raises(ValueError, match=r"tensor 'w' as int4_asym: .* 1.2e\+05"):
+    quant.quantize(x * 2, "int4_asym", 32, name="w")

@@ -11,6 +11,15 @@ bitsandbytes' portable CPU backend) are:
 * double quantization stores `absmax - mean(absmax)` with the signed 8-bit
   dynamic map in groups of 256.
 
+Every finite float32 magnitude is handled (up to 3.4e38; bitsandbytes'
+rules are followed exactly below `_HUGE` = 2**126): a block whose absmax
+is at least 2**126 is scaled by 2**-8 first, so that its reciprocal is not
+a subnormal (which XLA on CPU flushes to zero); absmaxes whose sum would
+overflow are double-quantized scaled by a power of two; and a
+reconstructed absmax is capped at float32's largest value. Each of these
+is exact in powers of two, so a tensor times 2**k quantizes to the same
+codes with scales times 2**k.
+
 Asymmetric blocks (`int<k>_asym`) follow GGML's Q4_1 quantizer instead (the
 `gguf` package's NumPy reference, bit for bit): per block the minimum m and
 maximum M in float32, d = (M - m) / (2**k - 1), q = trunc((x - m) * (1 / d)
@@ -27,6 +36,8 @@ from qlora_jax.quant.dynamic_map import DYNAMIC_MAP_SIGNED
 
 DQ_GROUP = 256  # block absmaxes per second-level group
 _TINY = np.float32(1e-38)
+_HUGE = np.float32(2.0**126)  # 1 / absmax is a subnormal above this
+_FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 # Most thresholds that encoding compares with one by one (NF-k and Int-k up
 # to k = 6); larger tables use `_count_below`. Measured on 4096x4096, 31 and
 # 63 comparisons are faster than the grid lookup, 255 are not.
@@ -66,7 +77,12 @@ def _scale_blocks(x: jnp.ndarray, block_size: int):
   n = x.shape[0]
   xb = _blocks(x.astype(jnp.float32), block_size)
   absmax = jnp.max(jnp.abs(xb), axis=1)
-  denom = jnp.maximum(absmax, _TINY)[:, None]
+  # Blocks of absmax >= 2**126 are scaled by 2**-8 (exact), so that the
+  # reciprocal stays normal; the others are left bit for bit as they are.
+  huge = (absmax >= _HUGE)[:, None]
+  xb = jnp.where(huge, xb * jnp.float32(2.0**-8), xb)
+  denom = jnp.where(huge[:, 0], absmax * jnp.float32(2.0**-8), absmax)
+  denom = jnp.maximum(denom, _TINY)[:, None]
   scaled = xb * (jnp.float32(1.0) / denom)
   if n % block_size:
     scaled = scaled.at[-1].set(_divide(xb[-1], denom[-1]))
@@ -209,7 +225,25 @@ def dequantize_blocks(
 
 
 def double_quantize(absmax: jnp.ndarray):
-  """absmax -> (uint8 codes, float32 absmax2 per group of 256, f32 offset)."""
+  """absmax -> (uint8 codes, float32 absmax2 per group of 256, f32 offset).
+
+  Absmaxes whose sum would overflow float32 (their mean is the offset) are
+  double-quantized scaled by 2**-k, 2**k >= 2n, and absmax2 and the offset
+  scaled back: exactly the codes and scales of a scaled copy. The other
+  branch is the plain rule, whose fused `absmax - mean` stays as it was.
+  """
+  n = absmax.shape[0]
+  k = int(np.ceil(np.log2(n))) + 1
+
+  def scaled(a):
+    q8, absmax2, offset = _double_quantize(a * jnp.float32(2.0**-k))
+    return q8, absmax2 * jnp.float32(2.0**k), offset * jnp.float32(2.0**k)
+
+  overflows = jnp.max(absmax) > _FLOAT32_MAX / np.float32(n)
+  return jax.lax.cond(overflows, scaled, _double_quantize, absmax)
+
+
+def _double_quantize(absmax: jnp.ndarray):
   n = absmax.shape[0]
   offset = jnp.mean(absmax)
   centred = _blocks(absmax - offset, DQ_GROUP)
@@ -237,7 +271,9 @@ def dequantize_absmax(
   n = q8.shape[0]
   values = jnp.asarray(DYNAMIC_MAP_SIGNED)[_blocks(q8, DQ_GROUP)]
   product = _rounded(values * absmax2[:, None], absmax2)
-  return (product + offset).reshape(-1)[:n]
+  # Near float32's largest value the 8-bit code may round the sum past it.
+  absmax = jnp.minimum(product + offset, _FLOAT32_MAX)
+  return absmax.reshape(-1)[:n]
 
 
 def _rounded(product: jnp.ndarray, nonnegative: jnp.ndarray) -> jnp.ndarray:

@@ -157,6 +157,11 @@ def _what(name: str | None) -> str:
   return f"tensor {name!r}" if name else "input"
 
 
+# The largest magnitude an asymmetric type stores: its scale and minimum
+# are float16.
+ASYM_MAX = float(np.finfo(np.float16).max)
+
+
 def _raise_non_finite(x: Any, name: str | None) -> None:
   bad = np.argwhere(~np.isfinite(np.asarray(x, np.float32)))
   raise NonFiniteError(
@@ -169,7 +174,8 @@ def _raise_non_finite(x: Any, name: str | None) -> None:
   jax.jit, static_argnames=("data_type", "block_size", "double_quant")
 )
 def _quantize(x, data_type: str, block_size: int, double_quant: bool):
-  """(codes, absmax, absmax2, offset, minimum, all values finite)."""
+  """(codes, absmax, absmax2, offset, minimum, all values finite, largest
+  magnitude of an asymmetric type else 0)."""
   dt = get_data_type(data_type)
   finite = jnp.isfinite(x).all()  # fuses with the pass over x
   if dt.asymmetric:
@@ -177,13 +183,15 @@ def _quantize(x, data_type: str, block_size: int, double_quant: bool):
       x.reshape(-1), dt.bits, block_size
     )
     packed = packing.pack(codes, dt.bits, pad_code=0)
-    return packed, scale, None, None, minimum, finite
+    top = jnp.max(jnp.abs(x)).astype(jnp.float32)
+    return packed, scale, None, None, minimum, finite, top
+  top = jnp.zeros((), jnp.float32)
   codes, absmax = blockwise.quantize_blocks(x.reshape(-1), dt, block_size)
   packed = packing.pack(codes, dt.bits, pad_code=dt.zero_code)
   if not double_quant:
-    return packed, absmax, None, None, None, finite
+    return packed, absmax, None, None, None, finite, top
   q8, absmax2, offset = blockwise.double_quantize(absmax)
-  return packed, q8, absmax2, offset, None, finite
+  return packed, q8, absmax2, offset, None, finite, top
 
 
 def quantize(
@@ -204,8 +212,13 @@ def quantize(
       `compress_statistics`).
     name: the tensor's name, for error messages.
 
+  Every finite float32 value is quantized by the symmetric types (the
+  result never holds NaN); an asymmetric type stores float16 scales and
+  minimums, so it refuses magnitudes beyond 65504 (`ASYM_MAX`).
+
   Raises:
-    ValueError: unknown data type, bad block size or non-float input.
+    ValueError: unknown data type, bad block size, non-float input, or
+      (a concrete input, asymmetric type) a magnitude beyond `ASYM_MAX`.
     NonFiniteError: (a ValueError) a concrete input holds NaN or infinity.
   """
   dt = get_data_type(data_type)
@@ -217,11 +230,19 @@ def quantize(
       f"cannot quantize {_what(name)} of shape {shape}: it needs at least "
       "one element"
     )
-  codes, absmax, absmax2, offset, minimum, finite = _quantize(
+  codes, absmax, absmax2, offset, minimum, finite, top = _quantize(
     jnp.asarray(x), dt.name, int(block_size), bool(double_quant)
   )
-  if not isinstance(x, jax.core.Tracer) and not bool(finite):
-    _raise_non_finite(x, name)
+  if not isinstance(x, jax.core.Tracer):
+    if not bool(finite):
+      _raise_non_finite(x, name)
+    if float(top) > ASYM_MAX:
+      raise ValueError(
+        f"cannot quantize {_what(name)} as {dt.name}: its largest magnitude "
+        f"{float(top):.4g} is beyond {ASYM_MAX:g}, the float16 scale and "
+        "minimum of each block cannot hold it (use a symmetric type such "
+        "as nf4, which takes any float32)"
+      )
   return QuantizedTensor(
     codes,
     absmax,
