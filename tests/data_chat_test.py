@@ -1,6 +1,8 @@
 """Chat data: templates, conversations, the assistant-only loss, answers."""
 
+import itertools
 import json
+import re
 import shutil
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 from qlora_jax import data
 from qlora_jax.data import chat
 from qlora_jax.engine import answers
+from tests import tiny_config
 
 FIXTURE = "tests/data/hf/llama_gqa"
 # A ChatML-like template over the fixture's word vocabulary (whitespace
@@ -126,3 +129,65 @@ def test_a_template_that_fails_names_the_row(tmp_path):
   e = data.ChatExample(tuple(CONVERSATION), "train.jsonl:7")
   with pytest.raises(ValueError, match="train.jsonl:7: .*roles must alternate"):
     data.chat_document(e, tok)
+
+
+# SmolLM2-135M-Instruct's own template (its GGUF's tokenizer.chat_template)
+# and one of whole words; both add a default system prompt when message 0
+# is not a system message. Each with a pattern of one rendered turn:
+# (role, text, then the end of the turn).
+TURN_TEMPLATES = {
+  "smollm2": (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] "
+    "!= 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant "
+    "named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|"
+    "im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>"
+    "' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>"
+    "assistant\n' }}{% endif %}",
+    r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>\n",
+  ),
+  "words": (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "<s> system she had been </s> {% endif %}<s> {{ m['role'] }} "
+    "{{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}",
+    r"<s> (\w+) (.*?) </s> ",
+  ),
+}
+ROLE_ORDERS = [
+  roles
+  for n in range(1, 5)
+  for roles in itertools.product(("system", "user", "assistant"), repeat=n)
+  if "assistant" in roles
+]
+
+
+@pytest.mark.parametrize("name", sorted(TURN_TEMPLATES))
+def test_only_assistant_text_carries_loss_in_every_role_order(name):
+  # Reference: the rendered text's own turns, found by their pattern; a
+  # token is a target exactly when it starts inside an assistant turn's
+  # text or its end of turn. 90 orders: every sequence of up to 4 roles
+  # with an assistant message, [assistant, user, assistant] among them.
+  template, turn = TURN_TEMPLATES[name]
+  base = data.Tokenizer.load(FIXTURE)
+  tok = data.Tokenizer(base._tok, base.special, chat_template=template)
+  words = tiny_config.FIRST + tiny_config.SECOND
+  for roles in ROLE_ORDERS:
+    messages = tuple(
+      {"role": r, "content": f"{words[2 * k]} {words[2 * k + 1]}"}
+      for k, r in enumerate(roles)
+    )
+    doc = data.chat_document(data.ChatExample(messages, "x:1"), tok)
+    text = tok.apply_chat_template(messages, False)
+    turns = list(re.finditer(turn, text, re.S))
+    default_system = roles[0] != "system"
+    assert [t.group(1) for t in turns] == (
+      ["system"] * default_system + list(roles)
+    )
+    assert [t.group(2) for t in turns[default_system:]] == [
+      m["content"] for m in messages
+    ]
+    spans = [(t.start(2), t.end()) for t in turns if t.group(1) == "assistant"]
+    ids, starts = tok.encode_offsets(text)
+    assert list(doc.tokens) == ids
+    want = [any(a <= c < b for a, b in spans) for c in starts]
+    assert [bool(v) for v in doc.loss_tokens] == want, roles

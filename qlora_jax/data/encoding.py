@@ -155,7 +155,7 @@ def chat_document(
   for i, m in enumerate(messages):
     if m["role"] != "assistant":
       continue
-    before = render(messages[:i], True) if i else ""
+    before = _text_before(messages, i, render, e.where)
     through = render(messages[: i + 1], False)
     if not (text.startswith(before) and text.startswith(through)):
       raise ValueError(
@@ -168,6 +168,27 @@ def chat_document(
   if not any(loss[1:]):
     raise ValueError(f"{e.where}: the assistant's messages encode to no tokens")
   return arrays.Document(ids, 1, loss)
+
+
+# Stands in for the text of message 0 to find where a template puts it.
+_MARK = "\x00message 0\x00"
+
+
+def _text_before(messages: list[dict], i: int, render, where: str) -> str:
+  """The rendered text ahead of assistant message i's own tokens: the
+  messages before it with the generation prompt (what the model is given
+  to write it); before message 0, what the template writes ahead of its
+  text (a default system prompt, the turn's header), found by rendering a
+  marker in its place."""
+  if i:
+    return render(messages[:i], True)
+  marked = render([dict(messages[0], content=_MARK)], False)
+  if _MARK not in marked:
+    raise ValueError(
+      f"{where}: the chat template does not render the text of message 0 "
+      "as it is, so its tokens cannot be found"
+    )
+  return marked[: marked.index(_MARK)]
 
 
 def prompt_and_answer(
