@@ -188,6 +188,9 @@ def test_resume_survives_a_stale_lock_a_torn_line_and_a_bad_checkpoint(
   assert not (workdir / LOCK).exists()  # released at the end
   records = read_metrics(workdir / "metrics.jsonl")  # the torn line is gone
   assert max(r["step"] for r in records) == 6
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  logged = [(r["kind"], r["step"]) for r in map(json.loads, lines)]
+  assert len(logged) == len(set(logged))  # steps 3 and 4, redone, once
   written = json.loads((workdir / "final_metrics.json").read_text())
   assert all(written[k] == v for k, v in final.items())
 

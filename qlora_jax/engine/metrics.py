@@ -8,21 +8,33 @@ from typing import Any
 import jax
 from absl import logging
 
+from qlora_jax.engine.workdir import write_atomic
+
 
 class MetricsWriter:
   """Appends one JSON object per record to `metrics.jsonl` and writes the
   scalars to TensorBoard (tensorboardX) in the same workdir. Only process 0
-  writes."""
+  writes.
 
-  def __init__(self, workdir: str | pathlib.Path):
+  A run resumed from checkpoint `resumed_from` redoes the steps after it:
+  their records from before (a run killed after logging them) are dropped
+  from `metrics.jsonl` and hidden from TensorBoard, so that each step has
+  one record. A run that starts from no checkpoint (None) drops them all.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, resumed_from: int | None):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self._active = jax.process_index() == 0
     self._tb = None
     if self._active:
       _drop_torn_tail(self.path)
+      _drop_steps_after(self.path, resumed_from)
       from tensorboardX import SummaryWriter  # noqa: PLC0415
 
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      purge = 0 if resumed_from is None else resumed_from + 1
+      self._tb = SummaryWriter(
+        str(pathlib.Path(workdir) / "tensorboard"), purge_step=purge
+      )
 
   def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
     if not self._active:
@@ -54,6 +66,33 @@ def _drop_torn_tail(path: pathlib.Path) -> None:
   )
   with path.open("r+b") as f:
     f.truncate(keep)
+
+
+def _drop_steps_after(path: pathlib.Path, step: int | None) -> None:
+  """Rewrites `path` (atomically) without its records of steps after
+  `step` (every record when None), which the run is about to redo."""
+  if not path.is_file():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  keep = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      recorded = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{path}:{number}: not a metrics record: {e}") from e
+    if step is not None and recorded <= step:
+      keep.append(line)
+  if len(keep) == len(lines):
+    return
+  logging.info(
+    "%s: dropped %d records of steps after %s, to be redone",
+    path,
+    len(lines) - len(keep),
+    step,
+  )
+  write_atomic(path, "".join(keep))
 
 
 def _plain(v: Any) -> Any:

@@ -308,7 +308,7 @@ def _train(
     "base": run_dir.base_record(s),
   }
   t = s.train
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, resumed)
   step = int(run.state.step)
   progress = console.Progress(run.total_steps, step)
   ckpt_every = t.checkpoint_every or run.eval_every
