@@ -44,7 +44,9 @@ def get_config() -> config_dict.ConfigDict:
   c.lora = config_dict.ConfigDict()
   c.lora.enabled = True  # False with train.mode "lora": train only heads
   c.lora.rank = 8
-  c.lora.alpha = 16.0  # scale alpha / rank (alpha / sqrt(rank) with rslora)
+  # Scale alpha / rank (alpha / sqrt(rank) with rslora); 0 (a no-op
+  # adapter) is refused.
+  c.lora.alpha = 16.0
   c.lora.targets = "all-linear"  # "all-linear", a regex, or a list of names
   c.lora.exclude = ""  # regex of layers without adapters
   c.lora.rank_pattern = {}  # regex -> rank
@@ -88,6 +90,9 @@ def get_config() -> config_dict.ConfigDict:
   c.opt.max_grad_norm = 0.3  # QLoRA's clipping; 0 turns it off
   c.opt.lora_plus_ratio = 1.0  # LoRA+: B's learning rate over A's
 
+  # Every step is checked before its checkpoint is saved; a NaN or Inf, an
+  # update over 100x the weights' norm, or a loss at ln V with a gradient
+  # of 0 stops the run (qlora_jax/engine/divergence.py).
   c.train = config_dict.ConfigDict()
   c.train.mode = "lora"  # lora (adapters + heads) | full (every weight)
   c.train.train_modules = []  # regexes of base variables that train too

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from qlora_jax import nn as qnn
-from qlora_jax.engine import train
+from qlora_jax.engine import divergence, train
 from qlora_jax.engine.checkpoint import Checkpoints
 from qlora_jax.engine.metrics import read_metrics
 from tests import tiny_config
@@ -198,19 +198,22 @@ def test_two_processes_match_one(data_dir, tmp_path, one_device_run):
   )
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
-  data_dir, tmp_path
+@pytest.mark.parametrize("learning_rate", [1e6, 1e30])
+def test_a_diverging_run_stops_at_its_first_step_and_saves_nothing(
+  data_dir, tmp_path, learning_rate
 ):
+  # lr 1e6 collapses the model, lr 1e30 sends its weights to 1e30: both
+  # from the first update, which is then 1e5 times the weights or more.
   config = tiny_config.get_config(str(data_dir))
-  config.opt.learning_rate = 1e30
+  config.opt.learning_rate = learning_rate
   config.opt.max_grad_norm = 0.0
   config.opt.warmup_ratio = 0.0
   config.opt.schedule = "constant"
   config.train.checkpoint_every = 1
-  with pytest.raises(train.NonFiniteLossError) as err:
+  with pytest.raises(divergence.DivergenceError) as err:
     train.train_and_evaluate(config, str(tmp_path))
   message = str(err.value)
-  step = int(message.split(" at step ")[1].split(";")[0])
-  assert "non-finite" in message
-  assert f"last good checkpoint is step {step - 1}" in message
-  assert max(Checkpoints(tmp_path, keep=2).all_steps()) == step - 1
+  assert message.startswith("training stopped at step 1: the update norm ")
+  assert "None" not in message and "\n" not in message
+  assert f"no checkpoint in {tmp_path / 'checkpoints'} is good" in message
+  assert Checkpoints(tmp_path, keep=2).all_steps() == []

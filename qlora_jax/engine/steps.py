@@ -103,6 +103,7 @@ def train_step(
   metrics = dict(sums)
   metrics["grad_norm"] = optax.global_norm(grads)
   metrics["update_norm"] = optax.global_norm(updates)
+  metrics["param_norm"] = optax.global_norm(state.params)  # before the update
   metrics["params_finite"] = jnp.all(
     jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
   )

@@ -11,7 +11,6 @@ exactly where the last checkpoint left off.
 
 import dataclasses
 import json
-import math
 import pathlib
 import time
 from typing import Any
@@ -26,6 +25,7 @@ from qlora_jax import nn as qnn
 from qlora_jax.engine import (
   answers,
   console,
+  divergence,
   losses,
   memory_check,
   optim,
@@ -40,10 +40,6 @@ from qlora_jax.engine import (
 from qlora_jax.engine.checkpoint import Checkpoints
 from qlora_jax.engine.metrics import MetricsWriter, plot_curves, read_metrics
 from qlora_jax.engine.settings import CLASSIFICATION, Settings
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or Inf."""
 
 
 def _init_distributed(s: Settings) -> None:
@@ -80,6 +76,7 @@ class Loop:
   eval_fn: Any
   summary: console.Summary
   state_sh: Any
+  classes: int  # V of the collapse rule: labels, or the vocabulary
   model: Any = None
   prompts: answers.Prompts | None = None
   plan_lines: list[str] = dataclasses.field(default_factory=list)
@@ -160,6 +157,7 @@ def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Loop:
     eval_fn,
     summary,
     state_sh,
+    num_labels or loaded.config.vocab_size,
     loaded.model,
     prompts,
     plan_lines,
@@ -222,16 +220,23 @@ def _restore(run: Loop, checkpoints: Checkpoints) -> tuple[int | None, dict]:
   return None, {"loss": 0.0, "weight": 0.0}
 
 
-def _check_finite(metrics, step: int, checkpoints: Checkpoints) -> float:
-  """The step's mean loss; raises when it or the weights are not finite."""
+_NORMS = ("grad_norm", "update_norm", "param_norm")
+
+
+def _check_step(run: Loop, metrics, step: int, checkpoints) -> float:
+  """The step's mean loss; raises `divergence.DivergenceError` when the
+  step diverged or collapsed (see `divergence`)."""
   loss = float(metrics["loss"]) / max(float(metrics["weight"]), 1e-9)
-  if not math.isfinite(loss) or not bool(metrics["params_finite"]):
-    what = f"loss is {loss}" if not math.isfinite(loss) else "weights are"
-    raise NonFiniteLossError(
-      f"{what} non-finite at step {step}; the last good checkpoint is step "
-      f"{checkpoints.latest_step()} in {checkpoints.directory}"
-    )
-  return loss
+  numbers = {k: float(metrics[k]) for k in _NORMS}
+  numbers.update(loss=loss, params_finite=bool(metrics["params_finite"]))
+  found = divergence.diagnose(numbers, run.classes)
+  if found is None:
+    return loss
+  what, started_bad = found
+  good = divergence.last_good(checkpoints.all_steps(), step, started_bad)
+  raise divergence.error(
+    step, what, good, checkpoints.directory, run.settings.opt.learning_rate
+  )
 
 
 def _log_train(run, writer, step, loss, metrics, tok_s) -> None:
@@ -244,6 +249,7 @@ def _log_train(run, writer, step, loss, metrics, tok_s) -> None:
       "accuracy": float(metrics["correct"]) / weight,
       "grad_norm": float(metrics["grad_norm"]),
       "update_norm": float(metrics["update_norm"]),
+      "param_norm": float(metrics["param_norm"]),
       "learning_rate": float(run.lr(step - 1)),
       "tokens_per_s": tok_s,
       "epoch": run.train_it.epoch,
@@ -336,7 +342,7 @@ def _train(
     t_step = time.perf_counter()
     run.state, metrics = compiled(run.state, batch, run.frozen)
     step += 1
-    loss = _check_finite(metrics, step, checkpoints)
+    loss = _check_step(run, metrics, step, checkpoints)
     step_times.append(time.perf_counter() - t_step)
     epoch_sums["loss"] += float(metrics["loss"])
     epoch_sums["weight"] += float(metrics["weight"])
