@@ -1,5 +1,6 @@
 """Predictions of trained runs (qlora_jax.predict, experiments.predict)."""
 
+import copy
 import json
 import os
 import pathlib
@@ -262,3 +263,21 @@ def test_chat_streams_what_batched_generation_gives(chat_model):
     "such bytes read as U+FFFD"
   ) in err
   assert "1 conversation(s) longer than the model's 64-token context" in err
+
+
+def test_all_empty_completions_are_warned_of(language_model, caplog):
+  prompts = ["the of and to", "have had", "in is was for on that"]
+  predict.complete(language_model, prompts, max_new_tokens=6)  # compiled
+  assert "completions are empty" not in caplog.text
+  # The checkpoint of a run that diverged: with NaN weights every greedy
+  # token is <pad> (argmax of NaN logits), a special token decoded to "".
+  broken = copy.copy(language_model)
+  broken.run = copy.copy(language_model.run)
+  broken.run.lm = copy.copy(language_model.run.lm)
+  variables = dict(broken.run.lm.variables)
+  variables["params"] = jax.tree.map(
+    lambda v: np.full(v.shape, np.nan, v.dtype), variables["params"]
+  )
+  broken.run.lm.variables = variables
+  assert predict.complete(broken, prompts, max_new_tokens=6) == [""] * 3
+  assert "all 3 completions are empty" in caplog.text

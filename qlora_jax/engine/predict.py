@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from qlora_jax.data import arrays
 from qlora_jax.data.readers import read_records
@@ -219,6 +220,14 @@ def complete(
     )
     for row in np.asarray(new)[: stop - start]:
       completions.append(tok.decode(_until_end(row, eos)))
+  if not any(c.strip() for c in completions):
+    logging.warning(
+      "all %d completions are empty: the model at checkpoint %d ends every "
+      "answer at once, as the weights of a run that diverged or collapsed "
+      "do",
+      len(completions),
+      predictor.run.step,
+    )
   return completions
 
 
