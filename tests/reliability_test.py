@@ -6,6 +6,7 @@ field, file or tensor, and the workdir must be byte for byte what it was
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from qlora_jax.engine import answers, export, train
 from qlora_jax.engine.checkpoint import Checkpoints, CheckpointWriteError
 from qlora_jax.engine.metrics import read_metrics
 from qlora_jax.engine.settings import ConfigError, Settings
-from qlora_jax.engine.workdir import LOCK, WorkdirError
+from qlora_jax.engine.workdir import LOCK, WorkdirError, write_atomic
 from qlora_jax.models.gguf_header import GGUFFile
 from tests import tiny_config
 
@@ -344,3 +345,41 @@ def test_eval_prompts_longer_than_max_length_keep_their_end(caplog):
     "1 eval prompt(s) longer than data.max_length (16 tokens; the longest "
     f"has {len(full)})" in caplog.text
   )
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+  """A file system with no space left (an 8 KB tmpfs, filled); skips where
+  mounting one is not allowed."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mount = ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)]
+  if subprocess.run(mount, capture_output=True, check=False).returncode:
+    pytest.skip("no permission to mount a small file system here")
+  try:
+    with pytest.raises(OSError), (disk / "filler").open("wb") as f:
+      f.write(b"\0" * 16384)
+    yield disk
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_at_start_names_the_file(data_dir, full_disk):
+  # A write to a full disk raises an OSError without a path: was "error:
+  # [Errno 28] No space left on device" and a traceback.
+  workdir = full_disk / "run"
+  with pytest.raises(OSError) as e:
+    train.train_and_evaluate(_config(data_dir), str(workdir))
+  assert e.value.errno == errno.ENOSPC
+  assert e.value.filename == str(workdir / LOCK)
+  assert not (workdir / LOCK).exists()  # no empty lock left behind
+
+
+def test_an_atomic_write_that_fails_names_its_file(tmp_path):
+  target = tmp_path / "config.json"
+  # The temporary it writes first is where the disk is full.
+  (tmp_path / f".config.json.{os.getpid()}.tmp").symlink_to("/dev/full")
+  with pytest.raises(OSError) as e:
+    write_atomic(target, "{}")
+  assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(target))
+  assert list(tmp_path.iterdir()) == []  # the temporary is gone

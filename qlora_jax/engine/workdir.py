@@ -10,6 +10,7 @@ the run's life keeps a second run out; the lock of a process that no
 longer exists is taken over. Files are written whole or not at all.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -54,11 +55,25 @@ class WorkdirError(RuntimeError):
   """The workdir belongs to another run or another config."""
 
 
+@contextlib.contextmanager
+def naming(path: pathlib.Path, *undo: pathlib.Path):
+  """An OSError raised inside without a path (a write to a full disk) is
+  raised again naming `path`; the files `undo` are removed first."""
+  try:
+    yield
+  except OSError as e:
+    for leftover in undo:
+      leftover.unlink(missing_ok=True)
+    if e.filename is not None or e.errno is None:
+      raise
+    raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 def write_atomic(path: pathlib.Path, text: str) -> None:
   """Writes `text` to a temporary file beside `path`, then renames it."""
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  with tmp.open("w") as f:
+  with naming(path, tmp), tmp.open("w") as f:
     f.write(text)
     f.flush()
     os.fsync(f.fileno())
@@ -144,7 +159,7 @@ class Lock:
       except FileExistsError:
         self._take_over_if_stale()
         continue
-      with os.fdopen(fd, "w") as f:
+      with naming(self.path, self.path), os.fdopen(fd, "w") as f:
         json.dump(me, f)
       self.held = True
       return
