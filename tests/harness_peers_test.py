@@ -56,7 +56,9 @@ def _close(a: float, b: float) -> bool:
   return abs(a - b) <= RTOL * max(abs(a), abs(b))
 
 
-@pytest.mark.parametrize("chat, shots", [(False, 0), (True, 3)])
+@pytest.mark.parametrize(
+  "chat, shots", [(False, 0), (True, 3), (False, 3), (True, 0)]
+)
 def test_matches_hf_backend(folder, monkeypatch, chat, shots):
   from lm_eval.models.huggingface import HFLM
 
@@ -98,6 +100,7 @@ def test_matches_hf_backend(folder, monkeypatch, chat, shots):
       if not isinstance(value, float) or "stderr" in metric:
         continue
       mine = ours["results"][task][metric]
+      print(f"{task} {metric}: HF {value:.6g}, ours {mine:.6g}")
       if "perplexity" in metric or "bits" in metric:
         assert _close(value, mine), (task, metric, value, mine)
       else:
