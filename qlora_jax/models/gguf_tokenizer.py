@@ -273,9 +273,10 @@ def gguf_tokenizer(source: "str | pathlib.Path | GGUFFile") -> GGUFTokenizer:
 
   Raises:
     CheckpointError: a missing metadata key, a tokenizer model other than
-      "gpt2" and "llama", an unknown pre-tokenizer, or a per-token list
-      (scores, types) whose length differs from the tokens'; the message
-      names file and key.
+      "gpt2" and "llama", an unknown pre-tokenizer, a per-token list
+      (scores, types) whose length differs from the tokens', or a merge
+      naming a token the list does not hold; the message names file and
+      key.
   """
   f = source if isinstance(source, GGUFFile) else read_gguf(source)
   model = f.get("tokenizer.ggml.model", str)

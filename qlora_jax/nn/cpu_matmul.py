@@ -87,7 +87,7 @@ def _flags(isa: str) -> list[str]:
 
 
 class BuildError(RuntimeError):
-  """The kernel could not be compiled (no compiler, or it failed)."""
+  """The kernel could not be built (no compiler, or it failed) or loaded."""
 
 
 def _sha256(path: pathlib.Path) -> str:
