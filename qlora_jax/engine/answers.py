@@ -10,6 +10,7 @@ and cut into batches of one size, so a run compiles the generation once.
 """
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,15 +34,18 @@ def make_prompts(
   examples: Sequence, tokenizer: data.Tokenizer, max_length: int
 ) -> Prompts:
   """The prompts of `examples`; one longer than `max_length` keeps its
-  last `max_length` tokens (the end of the question and the turn), with a
-  warning (`prompt_fit.fit`)."""
+  last `max_length` tokens (the end of the question and the turn), logged
+  at info level (`prompt_fit.fit`): the run's own configured cut, as its
+  training and eval rows have, so a default run does not warn."""
   rows, answers, texts = [], [], []
   for e in examples:
     ids, answer = data.prompt_and_answer(e, tokenizer)
     rows.append(ids)
     answers.append(answer)
     texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-  rows = prompt_fit.fit(rows, max_length, "eval prompt", "data.max_length")
+  rows = prompt_fit.fit(
+    rows, max_length, "eval prompt", "data.max_length", logging.info
+  )
   width = max(len(r) for r in rows)
   ids = np.full((len(rows), width), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(rows), width), np.int32)

@@ -60,14 +60,18 @@ def room(context: int, max_new_tokens: int) -> tuple[int, str]:
 
 
 def fit(
-  rows: Sequence[Sequence[int]], room: int, what: str, limit: str
+  rows: Sequence[Sequence[int]],
+  room: int,
+  what: str,
+  limit: str,
+  log=logging.warning,
 ) -> list[list[int]]:
   """`rows` (token ids), each longer than `room` cut to its last `room`
-  tokens; a warning names how many `what`s were cut, by which `limit`
-  (in words), and the longest."""
+  tokens; `log` (a warning by default) names how many `what`s were cut, by
+  which `limit` (in words), and the longest."""
   cut = [i for i, r in enumerate(rows) if len(r) > room]
   if cut:
-    logging.warning(
+    log(
       "%d %s(s) longer than %s (%d tokens; the longest has %d): their first "
       "tokens are dropped",
       len(cut),
