@@ -6,6 +6,12 @@ each output type) through lm-eval 0.4.13's `HFLM` on that folder and
 through `harness.backend.JaxLM`: per-request log-likelihoods agree within
 1e-4 (relative), is_greedy and greedy generations are identical, and so
 are the metrics (perplexities within 1e-4, relative).
+
+`.venv-peers/bin/python -m pytest -s tests/harness_peers_test.py` on 2
+shared CPU cores, 2026-12-07, 3 documents a task: worst relative
+log-likelihood difference 7.7e-6 (0-shot), 8.0e-6 (3-shot), 1.3e-5 (chat
+template, 0-shot), 2.6e-5 (chat template, 3-shot); word perplexity 165.515
+(lm-eval's HFLM) against 165.521 (ours); about 30 minutes in all.
 """
 
 import math
