@@ -4,6 +4,8 @@ python -m experiments.export --workdir RUN --out DIR \
     [--merged] [--dtype bfloat16|float32] [--requantize] [--step N]
 python -m experiments.export --workdir RUN --gguf OUT.gguf \
     [--dtype float32|bfloat16|float16|q8_0] [--step N]
+python -m experiments.export --workdir RUN --gguf_lora OUT.gguf \
+    [--dtype float32|bfloat16|float16|q8_0] [--step N]
 
 Without --merged: a PEFT LoRA adapter (adapter_config.json and
 adapter_model.safetensors) over the run's base checkpoint. With --merged:
@@ -18,7 +20,11 @@ With --gguf (a run over a GGUF base, such as the main
 job's SmolLM2): the merged model as one GGUF file with the base's metadata,
 tokenizer and chat template, matrices in --dtype (norms in float32), which
 llama.cpp, transformers (gguf_file=) and `models.from_pretrained` load; an
-existing file is replaced only with --overwrite. The base is rebuilt from
+existing file is replaced only with --overwrite. With --gguf_lora (a run
+over a GGUF base): the adapters alone as a llama.cpp LoRA GGUF file, which
+llama.cpp applies over the base file at load time (`llama-cli -m BASE.gguf
+--lora OUT.gguf`); DoRA, trained norms or heads and PiSSA / LoftQ runs are
+refused (export them with --gguf). The base is rebuilt from
 RUN/config.json and the trainable tree restored from the latest checkpoint
 (or --step).
 """
@@ -30,12 +36,15 @@ from qlora_jax.engine import cli, export
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _OUT = flags.DEFINE_string("out", None, "Folder to write.")
 _GGUF = flags.DEFINE_string("gguf", None, "GGUF file to write (merged).")
+_GGUF_LORA = flags.DEFINE_string(
+  "gguf_lora", None, "llama.cpp LoRA GGUF file to write (adapters)."
+)
 _MERGED = flags.DEFINE_bool("merged", False, "Write the merged model.")
 _DTYPE = flags.DEFINE_enum(
   "dtype",
   "float32",
   ["float32", "bfloat16", "float16", "q8_0"],
-  "Merged tensors (float16 and q8_0: --gguf only).",
+  "Tensors written (float16 and q8_0: --gguf and --gguf_lora only).",
 )
 _REQUANTIZE = flags.DEFINE_bool(
   "requantize", False, "Merged: quantize the merged layers again."
@@ -50,13 +59,29 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv
   _export()
-  print(f"wrote {_GGUF.value or _OUT.value}")
+  print(f"wrote {_GGUF.value or _GGUF_LORA.value or _OUT.value}")
 
 
 def _export() -> None:
-  if (_OUT.value is None) == (_GGUF.value is None):
-    raise app.UsageError("give one of --out DIR and --gguf FILE")
-  if _GGUF.value is not None:
+  given = [x is not None for x in (_OUT.value, _GGUF.value, _GGUF_LORA.value)]
+  if sum(given) != 1:
+    raise app.UsageError(
+      "give one of --out DIR, --gguf FILE and --gguf_lora FILE"
+    )
+  if _GGUF_LORA.value is not None:
+    if _MERGED.value or _REQUANTIZE.value:
+      raise app.UsageError(
+        "--gguf_lora writes the adapters alone: not with --merged or "
+        "--requantize (see --gguf)"
+      )
+    export.export_gguf_lora(
+      _WORKDIR.value,
+      _GGUF_LORA.value,
+      _DTYPE.value,
+      _STEP.value,
+      overwrite=_OVERWRITE.value,
+    )
+  elif _GGUF.value is not None:
     if _REQUANTIZE.value:
       raise app.UsageError("--requantize: not with --gguf (see --dtype)")
     export.export_gguf(
@@ -67,7 +92,9 @@ def _export() -> None:
       overwrite=_OVERWRITE.value,
     )
   elif _DTYPE.value not in ("float32", "bfloat16"):
-    raise app.UsageError(f"--dtype {_DTYPE.value}: only with --gguf")
+    raise app.UsageError(
+      f"--dtype {_DTYPE.value}: only with --gguf or --gguf_lora"
+    )
   elif _MERGED.value:
     export.export_merged(
       _WORKDIR.value,

@@ -1,6 +1,7 @@
-"""Exports of a finished run: its adapters for PEFT, its merged model as a
-Hugging Face folder, or a GGUF file (`restore` rebuilds the run first); and
-a GGUF file converted to a Hugging Face folder.
+"""Exports of a finished run: its adapters for PEFT or as a llama.cpp LoRA
+GGUF file, its merged model as a Hugging Face folder or a GGUF file
+(`restore` rebuilds the run first); and a GGUF file converted to a Hugging
+Face folder.
 
 Each is written through `outputs.writing`: whole or not at all, never over
 or into the run's workdir, the base checkpoint or the converted file, an
@@ -16,7 +17,14 @@ from qlora_jax import models
 from qlora_jax.engine import outputs, setup
 from qlora_jax.engine.restore import read_settings, restore
 from qlora_jax.engine.settings import Settings
-from qlora_jax.interop import gguf_convert, gguf_export, hf_export, naming, peft
+from qlora_jax.interop import (
+  gguf_convert,
+  gguf_export,
+  gguf_lora,
+  hf_export,
+  naming,
+  peft,
+)
 
 
 def _base_of(settings: Settings) -> pathlib.Path | None:
@@ -118,6 +126,64 @@ def export_merged(
   return pathlib.Path(out)
 
 
+def _gguf_base(settings: Settings, out, flag: str) -> pathlib.Path:
+  """The run's GGUF base file; raises unless there is one and `out` ends
+  in .gguf."""
+  base = _base_of(settings)
+  if base is None or not models.is_gguf(base):
+    raise ValueError(
+      f"{flag}: the run's base checkpoint is {base or 'a random init'}: a "
+      "GGUF export copies its metadata and tokenizer from a GGUF base "
+      "(model.checkpoint = FILE.gguf or smollm2); export a Hugging Face "
+      "folder with --merged --out DIR instead"
+    )
+  if pathlib.Path(out).suffix != ".gguf":
+    raise ValueError(f"{flag} {out}: the file name must end in .gguf")
+  return base
+
+
+def export_gguf_lora(
+  workdir: str | pathlib.Path,
+  out: str | pathlib.Path,
+  dtype: str = "float32",
+  step: int | None = None,
+  overwrite: bool = False,
+) -> dict[str, Any]:
+  """Writes the run's adapters as a llama.cpp LoRA GGUF file (`out`) that
+  llama.cpp applies over the run's base GGUF file; returns {"alpha",
+  "tensors", "types"} (`interop.gguf_lora`).
+
+  Raises:
+    ValueError: the run's base is not a GGUF file, it trains every weight,
+      `out` is refused (as `outputs.check`), or an adapter llama.cpp cannot
+      apply (DoRA, trained norms or heads, PiSSA / LoftQ).
+  """
+  settings = read_settings(workdir)
+  if settings.train.mode == "full":
+    raise ValueError(
+      "train.mode 'full' trains every weight: there is no adapter to "
+      "export; export the merged model (--gguf)"
+    )
+  base = _gguf_base(settings, out, "--gguf_lora")
+  if dtype not in gguf_export.TYPES:
+    raise ValueError(
+      f"--dtype: {dtype!r}, expected one of {list(gguf_export.TYPES)}"
+    )
+  with _writing(
+    out, workdir, settings, overwrite, folder=False, flag="--gguf_lora"
+  ) as tmp:
+    run = restore(workdir, step)
+    return gguf_lora.write_gguf_lora(
+      tmp,
+      run.trainable,
+      run.lm.plan,
+      run.spec,
+      run.settings.model.scan_layers,
+      base,
+      dtype,
+    )
+
+
 def export_gguf(
   workdir: str | pathlib.Path,
   out: str | pathlib.Path,
@@ -135,16 +201,7 @@ def export_gguf(
       `outputs.check`), or as `interop.write_gguf`.
   """
   settings = read_settings(workdir)
-  base = _base_of(settings)
-  if base is None or not models.is_gguf(base):
-    raise ValueError(
-      f"--gguf: the run's base checkpoint is {base or 'a random init'}: a "
-      "GGUF export copies its metadata and tokenizer from a GGUF base "
-      "(model.checkpoint = FILE.gguf or smollm2); export a Hugging Face "
-      "folder with --merged --out DIR instead"
-    )
-  if pathlib.Path(out).suffix != ".gguf":
-    raise ValueError(f"--gguf {out}: the file name must end in .gguf")
+  base = _gguf_base(settings, out, "--gguf")
   if dtype not in gguf_export.TYPES:
     raise ValueError(
       f"--dtype: {dtype!r}, expected one of {list(gguf_export.TYPES)}"

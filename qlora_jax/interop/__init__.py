@@ -1,4 +1,5 @@
-"""Interop with PEFT and transformers: adapters out and in, merged models out.
+"""Interop with PEFT, transformers and llama.cpp: adapters out (PEFT
+folders, llama.cpp LoRA GGUF files) and in, merged models out.
 
 Format conversion only: imports `quant`, `nn`, `models` (and `data`), never
 the engine (a training run's export is `qlora_jax.engine.export`).
