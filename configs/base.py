@@ -95,6 +95,8 @@ def get_config() -> config_dict.ConfigDict:
   # of 0 stops the run (qlora_jax/engine/divergence.py).
   c.train = config_dict.ConfigDict()
   c.train.mode = "lora"  # lora (adapters + heads) | full (every weight)
+  # sft (next-token loss) | dpo (preference pairs; the `dpo` section).
+  c.train.objective = "sft"
   c.train.train_modules = []  # regexes of base variables that train too
   c.train.seed = 0
   c.train.batch_size = 32  # global, over all devices
@@ -109,6 +111,13 @@ def get_config() -> config_dict.ConfigDict:
   # Before loading: a run the memory model predicts not to fit a device
   # is refused ("error"), or only warned of ("warn"), or not checked.
   c.train.memory_check = "error"
+
+  # train.objective "dpo": JSONL rows {"prompt" | "messages", "chosen",
+  # "rejected"}; the reference is the base with adapters off.
+  c.dpo = config_dict.ConfigDict()
+  c.dpo.beta = 0.1  # the KL strength: rewards are beta * log(pi / ref)
+  c.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo
+  c.dpo.label_smoothing = 0.0  # sigmoid only: conservative DPO's e
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1  # -1: every device not used by fsdp

@@ -67,10 +67,13 @@ def main(argv):
   where = f"{n} device(s)" if n > 1 else "one device"
   adapters = s.lora_plan() is not None
   base = p.params - (p.trainable_params if adapters else 0)
+  batch = f"batch {s.train.batch_size}"
+  if s.train.objective == "dpo":  # a chosen and a rejected row per pair
+    batch = f"DPO, batch {s.train.batch_size} pairs (2 sequences each)"
   print(
     f"{s.model.checkpoint or config.model_type}: {base / 1e6:,.1f}M "
-    f"parameters, {p.trainable_params / 1e6:,.2f}M trainable, batch "
-    f"{s.train.batch_size} x {s.data.max_length} tokens, remat "
+    f"parameters, {p.trainable_params / 1e6:,.2f}M trainable, {batch} x "
+    f"{s.data.max_length} tokens, remat "
     f"{s.model.remat}, on {where} of {memory.format_bytes(device_memory)}"
   )
   for line in p.lines():
@@ -98,7 +101,7 @@ def main(argv):
   lines, largest = families.plan_table(
     device_memory,
     rank=rank,
-    batch=s.train.batch_size,
+    batch=memory.rows_per_example(s) * s.train.batch_size,
     seq=s.data.max_length,
     mesh=(data, fsdp),
     remat=s.model.remat,

@@ -6,6 +6,7 @@
   encode_classification / encode_lm   examples -> dict of numpy arrays
   BatchIterator / EvalIterator        deterministic, resumable, multi-process
   write_stdlib_docstrings(folder)     the default classification task
+  read_preference_jsonl / encode_preference   DPO pairs -> [N, 2, L] arrays
 
 Depends on numpy, `tokenizers` and the standard library only.
 
@@ -35,6 +36,11 @@ from qlora_jax.data.iterators import (
   epoch_permutation,
 )
 from qlora_jax.data.labels import LabelMap
+from qlora_jax.data.preference import (
+  PreferenceExample,
+  encode_preference,
+  read_preference_jsonl,
+)
 from qlora_jax.data.readers import (
   EXAMPLE_KINDS,
   ChatExample,
@@ -66,6 +72,7 @@ __all__ = [
   "EvalIterator",
   "InstructionExample",
   "LabelMap",
+  "PreferenceExample",
   "SpecialTokens",
   "TextExample",
   "Tokenizer",
@@ -75,6 +82,7 @@ __all__ = [
   "encode_classification",
   "chat_document",
   "encode_lm",
+  "encode_preference",
   "epoch_permutation",
   "lm_documents",
   "prompt_and_answer",
@@ -84,6 +92,7 @@ __all__ = [
   "read_examples",
   "read_instruction_jsonl",
   "read_lm_jsonl",
+  "read_preference_jsonl",
   "read_text_file",
   "write_stdlib_docstrings",
   "write_stdlib_questions",

@@ -349,7 +349,10 @@ def estimate_settings(
   platform: str | None = None,
 ) -> Breakdown:
   """`estimate` for a run's `Settings` over `devices` devices (mesh and
-  micro-batches as the engine builds them; AdamW as `optim` makes it)."""
+  micro-batches as the engine builds them; AdamW as `optim` makes it). A
+  DPO step (train.objective "dpo") runs a chosen and a rejected sequence
+  per pair: `rows_per_example` rows (its reference log-probs are computed
+  before training, two floats per pair)."""
   data, fsdp = s.mesh.data, s.mesh.fsdp
   if fsdp == -1:
     fsdp = devices // max(1, data)
@@ -363,7 +366,7 @@ def estimate_settings(
     lora=o.lora,
     quant_plan=o.quant,
     train_patterns=s.train_patterns(),
-    batch=s.train.batch_size // accum,
+    batch=rows_per_example(s) * s.train.batch_size // accum,
     seq=s.data.max_length,
     remat=o.remat,
     dtype=o.dtype,
@@ -379,3 +382,9 @@ def estimate_settings(
   if accum > 1:  # the micro-batches' gradients are summed in a buffer
     p = dataclasses.replace(p, gradients=2 * p.gradients)
   return p
+
+
+def rows_per_example(s) -> int:
+  """Sequences a step runs per example of train.batch_size: 2 for DPO's
+  pairs, else 1."""
+  return 2 if s.train.objective == "dpo" else 1

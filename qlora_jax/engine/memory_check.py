@@ -5,7 +5,13 @@ import os
 
 import jax
 
-from qlora_jax.engine.memory import MiB, Shape, estimate_settings, format_bytes
+from qlora_jax.engine.memory import (
+  MiB,
+  Shape,
+  estimate_settings,
+  format_bytes,
+  rows_per_example,
+)
 
 
 def available_memory() -> int:
@@ -70,7 +76,8 @@ def check_fits(
   if s.train.memory_check == "off":
     return ""
   memory = memory or available_memory()
-  if rough_bytes(config, s.train.batch_size, s.data.max_length) <= memory:
+  rows = rows_per_example(s) * s.train.batch_size
+  if rough_bytes(config, rows, s.data.max_length) <= memory:
     return ""
   p = estimate_settings(s, config, devices, num_labels)
   if p.total <= memory:

@@ -22,6 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from qlora_jax import nn as qnn
+from qlora_jax.engine.dpo_loss import DpoSettings
 from qlora_jax.engine.optim import OptSettings
 from qlora_jax.engine.typed_config import ConfigError, plain, read_section
 from qlora_jax.nn import KERNELS
@@ -31,6 +32,8 @@ CLASSIFICATION = "classification"
 CAUSAL_LM = "causal_lm"
 RUN_TASKS = (CLASSIFICATION, CAUSAL_LM)
 TRAIN_MODES = ("lora", "full")
+# train.objective: the loss a run minimizes ("grpo" is to come).
+OBJECTIVES = ("sft", "dpo")
 DATA_SOURCES = (
   "stdlib_docstrings",
   "stdlib_questions",
@@ -119,6 +122,7 @@ class DataSettings:
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
   mode: str
+  objective: str
   train_modules: list
   seed: int
   batch_size: int
@@ -155,6 +159,7 @@ _SECTIONS = {
   "data": DataSettings,
   "opt": OptSettings,
   "train": TrainSettings,
+  "dpo": DpoSettings,
   "mesh": MeshSettings,
   "distributed": DistributedSettings,
 }
@@ -170,6 +175,7 @@ class Settings:
   data: DataSettings
   opt: OptSettings
   train: TrainSettings
+  dpo: DpoSettings
   mesh: MeshSettings
   distributed: DistributedSettings
   # Built once from `lora` / `quant` (and `train.mode`) by `from_config`.
@@ -232,7 +238,13 @@ ADDED_FIELDS = {
   "lora.qa": False,
   "train.memory_check": "off",
   "model.embed_dtype": "",
+  "train.objective": "sft",
+  "dpo.beta": 0.1,
+  "dpo.loss": "sigmoid",
+  "dpo.label_smoothing": 0.0,
 }
+# Sections added whole after runs were first recorded.
+ADDED_SECTIONS = ("dpo",)
 
 
 def recorded(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -243,6 +255,8 @@ def recorded(config: Mapping[str, Any]) -> dict[str, Any]:
   out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
   for key, value in ADDED_FIELDS.items():
     section, field = key.split(".")
+    if section in ADDED_SECTIONS and section not in out:
+      out[section] = {}
     if isinstance(out.get(section), dict):
       out[section].setdefault(field, value)
   return out
@@ -371,6 +385,9 @@ def _check(
     at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
     at_least("train.log_every", t.log_every, 1)
     at_least("train.show_predictions", t.show_predictions, 0)
+    choice("train.objective", t.objective, OBJECTIVES)
+    if t.objective == "dpo":
+      _check_dpo(sec, targets, bad)
     if t.memory_check not in ("error", "warn", "off"):
       bad(
         "train.memory_check",
@@ -383,3 +400,34 @@ def _check(
         bad(f"mesh.{field}", f"must be -1 or >= 1, got {value}")
     if mesh.data == -1 and mesh.fsdp == -1:
       bad("mesh", "only one of mesh.data and mesh.fsdp may be -1")
+
+
+def _check_dpo(sec: dict[str, Any], targets: dict[str, Any], bad) -> None:
+  """train.objective "dpo": a causal LM with adapters that start at zero
+  (its reference is the base with adapters off), on JSONL pairs."""
+  m, lo, d = (sec.get(k) for k in ("model", "lora", "data"))
+  if m and m.task != CAUSAL_LM:
+    bad("train.objective", "'dpo' needs model.task 'causal_lm'")
+  if targets["lora_targets"] is None:
+    bad(
+      "train.objective",
+      "'dpo' takes its reference from the base with adapters off: it needs "
+      "adapters (lora.enabled True, train.mode 'lora')",
+    )
+  if lo and lo.init not in ("kaiming", "gaussian"):
+    bad(
+      "lora.init",
+      f"{lo.init!r} starts the adapters away from zero, so the base with "
+      "adapters off is not the starting policy that train.objective 'dpo' "
+      "needs as its reference: use 'kaiming' or 'gaussian'",
+    )
+  if m and m.adapter:
+    bad(
+      "model.adapter",
+      "train.objective 'dpo' starts from zero adapters (its reference is "
+      "the base with adapters off)",
+    )
+  if d and d.source != "jsonl":
+    bad("data.source", "train.objective 'dpo' reads pairs from 'jsonl' files")
+  if d and d.packing:
+    bad("data.packing", "train.objective 'dpo' scores one pair per row")

@@ -121,6 +121,8 @@ def make_data(s: Settings, tokenizer, workdir: pathlib.Path) -> RunData:
     return RunData(
       splits.train, splits.eval, tokenizer, splits.label_map, texts
     )
+  if s.train.objective == "dpo":
+    return _preference_pairs(s, tokenizer)
   kind = "instruction" if d.instruction else "lm"
   train_path, eval_path = d.train_path, d.eval_path
   if d.source == "stdlib_questions":
@@ -144,6 +146,22 @@ def make_data(s: Settings, tokenizer, workdir: pathlib.Path) -> RunData:
   eval_examples, evals = encode(eval_path, True)
   texts = [getattr(e, "text", getattr(e, "prompt", "")) for e in eval_examples]
   return RunData(train, evals, tokenizer, None, texts, eval_examples)
+
+
+def _preference_pairs(s: Settings, tokenizer) -> RunData:
+  """DPO: [N, 2, L] arrays of the pairs (chosen, rejected); eval prompts
+  are answered against the chosen answer."""
+  d = s.data
+  train = data.read_preference_jsonl(d.train_path)
+  evals = data.read_preference_jsonl(d.eval_path)
+  return RunData(
+    data.encode_preference(train, tokenizer, d.max_length),
+    data.encode_preference(evals, tokenizer, d.max_length),
+    tokenizer,
+    None,
+    [e.messages[-1]["content"] for e in evals],
+    [e.answered(e.chosen) for e in evals],
+  )
 
 
 def _synthetic(s: Settings) -> RunData:

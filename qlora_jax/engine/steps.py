@@ -61,14 +61,22 @@ def train_step(
   task: str,
   tx: optax.GradientTransformation,
   accum: int = 1,
+  objective=None,
 ):
-  """One optimizer step. Returns (new state, metric sums and norms)."""
+  """One optimizer step. Returns (new state, metric sums and norms).
+
+  `objective`: None for the task's own loss (SFT), or an object with
+  `sums(model, params, frozen, batch, deterministic, rngs)` and
+  `sum_keys` (`dpo.Dpo`)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def grads_of(params, micro, index):
     rngs = {"dropout": jax.random.fold_in(key, index)}
 
     def loss_fn(p):
+      if objective is not None:
+        sums = objective.sums(model, p, frozen, micro, False, rngs)
+        return sums["loss"], sums
       sums = losses.batch_sums(
         task, model, p, micro, False, rngs, frozen=frozen
       )
@@ -81,9 +89,8 @@ def train_step(
   else:
     micro = _micro_batches(batch, accum)
     zero_g = jax.tree.map(jnp.zeros_like, state.params)
-    zero_s = {
-      k: jnp.zeros((), jnp.float32) for k in ("loss", "weight", "correct")
-    }
+    keys = objective.sum_keys if objective else ("loss", "weight", "correct")
+    zero_s = {k: jnp.zeros((), jnp.float32) for k in keys}
 
     def body(carry, xs):
       g_acc, s_acc = carry
@@ -113,8 +120,12 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(params, batch: dict, frozen: Any, *, model, task: str):
+def eval_step(
+  params, batch: dict, frozen: Any, *, model, task: str, objective=None
+):
   """Metric sums of one eval batch and the per-row predictions."""
+  if objective is not None:
+    return objective.sums(model, params, frozen, batch, True), {}
   variables = qnn.merge_trees(params, frozen)
   if task != losses.CLASSIFICATION:
     return losses.batch_sums(task, model, variables, batch, True), {}
@@ -126,8 +137,12 @@ def eval_step(params, batch: dict, frozen: Any, *, model, task: str):
   }
 
 
-def jit_train_step(model, task, tx, accum, state_sh, batch_sh, frozen_sh):
-  fn = functools.partial(train_step, model=model, task=task, tx=tx, accum=accum)
+def jit_train_step(
+  model, task, tx, accum, state_sh, batch_sh, frozen_sh, objective=None
+):
+  fn = functools.partial(
+    train_step, model=model, task=task, tx=tx, accum=accum, objective=objective
+  )
   return jax.jit(
     fn,
     in_shardings=(state_sh, batch_sh, frozen_sh),
@@ -136,24 +151,28 @@ def jit_train_step(model, task, tx, accum, state_sh, batch_sh, frozen_sh):
   )
 
 
-def jit_eval_step(model, task, params_sh, batch_sh, frozen_sh):
-  fn = functools.partial(eval_step, model=model, task=task)
+def jit_eval_step(model, task, params_sh, batch_sh, frozen_sh, objective=None):
+  fn = functools.partial(eval_step, model=model, task=task, objective=objective)
   return jax.jit(fn, in_shardings=(params_sh, batch_sh, frozen_sh))
 
 
-def batch_shapes(task: str, batch: int, seq: int) -> dict:
+def batch_shapes(task: str, batch: int, seq: int, pairs: bool = False) -> dict:
   """Abstract arrays of one batch of `task` ([batch, seq] int32 fields,
   float32 `loss_mask`; a classifier's labels [batch]), named as
-  `data.LM_FIELDS` / `data.CLASSIFICATION_FIELDS`."""
+  `data.LM_FIELDS` / `data.CLASSIFICATION_FIELDS`. `pairs`: preference
+  pairs (DPO), [batch, 2, seq] fields and `ref_logps` [batch, 2]."""
   fields = data.LM_FIELDS if task == CAUSAL_LM else data.CLASSIFICATION_FIELDS
+  rows = (batch, 2, seq) if pairs else (batch, seq)
   out = {}
   for name in fields:
     if name == "labels":
       out[name] = jax.ShapeDtypeStruct((batch,), jnp.int32)
     elif name == "loss_mask":
-      out[name] = jax.ShapeDtypeStruct((batch, seq), jnp.float32)
+      out[name] = jax.ShapeDtypeStruct(rows, jnp.float32)
     else:
-      out[name] = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+      out[name] = jax.ShapeDtypeStruct(rows, jnp.int32)
+  if pairs:
+    out["ref_logps"] = jax.ShapeDtypeStruct((batch, 2), jnp.float32)
   return out
 
 
@@ -208,10 +227,13 @@ def abstract_step(
   tx: optax.GradientTransformation | None = None,
   accum: int = 1,
   seed: int = 0,
+  objective=None,
 ) -> AbstractStep:
   """The engine's train step over `spec` built with `opts`, from shapes
   alone: lowering for another platform, the memory model's tests and the
-  benchmarks all compile this one (default optimizer: AdamW 1e-4)."""
+  benchmarks all compile this one (default optimizer: AdamW 1e-4;
+  `objective` as `train_step` takes it: a DPO step's batch is `batch`
+  pairs)."""
   model = spec.build(opts)
   trainable, frozen = qnn.split_trainable(
     spec.abstract_variables(opts), train_patterns
@@ -220,9 +242,14 @@ def abstract_step(
   state = jax.eval_shape(lambda t: create_state(t, tx, seed), trainable)
   fn = jax.jit(
     functools.partial(
-      train_step, model=model, task=spec.task, tx=tx, accum=accum
+      train_step,
+      model=model,
+      task=spec.task,
+      tx=tx,
+      accum=accum,
+      objective=objective,
     ),
     donate_argnums=(0,),
   )
-  shapes = batch_shapes(spec.task, batch, seq)
+  shapes = batch_shapes(spec.task, batch, seq, pairs=objective is not None)
   return AbstractStep(fn, state, shapes, frozen, model, tx)

@@ -26,6 +26,7 @@ from qlora_jax.engine import (
   answers,
   console,
   divergence,
+  dpo,
   losses,
   memory_check,
   optim,
@@ -80,6 +81,7 @@ class Loop:
   model: Any = None
   prompts: answers.Prompts | None = None
   plan_lines: list[str] = dataclasses.field(default_factory=list)
+  objective: Any = None  # steps.train_step's: None (SFT) or dpo.Dpo
 
   @property
   def task(self) -> str:
@@ -108,6 +110,11 @@ def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Loop:
   loaded = setup.load_model(s, base, num_labels, place=setup.place_on(mesh))
   trainable, frozen = setup.split_variables(s, loaded.variables)
   _warn_if_it_cannot_learn(s, trainable, run_data)
+  objective = dpo.Dpo(s.dpo) if t.objective == "dpo" else None
+  if objective is not None:  # the reference's log-probs, once (`dpo`)
+    run_data = dpo.with_reference_data(
+      run_data, loaded.model, trainable, frozen, t.batch_size, mesh
+    )
   plan_file = workdir / "plan.txt"
   base = qnn.flatten(loaded.variables.get(qnn.BASE, {}))
   n_linear = sum(p[-1] == "weight" for p in base)
@@ -130,10 +137,17 @@ def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Loop:
     s, loaded, trainable, frozen, mesh, plan_file
   )
   train_fn = steps.jit_train_step(
-    loaded.model, s.model.task, tx, t.grad_accum, state_sh, batch_sh, frozen_sh
+    loaded.model,
+    s.model.task,
+    tx,
+    t.grad_accum,
+    state_sh,
+    batch_sh,
+    frozen_sh,
+    objective,
   )
   eval_fn = steps.jit_eval_step(
-    loaded.model, s.model.task, state_sh.params, batch_sh, frozen_sh
+    loaded.model, s.model.task, state_sh.params, batch_sh, frozen_sh, objective
   )
   prompts = None
   if s.data.eval_generate:
@@ -161,6 +175,7 @@ def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Loop:
     loaded.model,
     prompts,
     plan_lines,
+    objective,
   )
 
 
@@ -253,6 +268,11 @@ def _log_train(run, writer, step, loss, metrics, tok_s) -> None:
       "learning_rate": float(run.lr(step - 1)),
       "tokens_per_s": tok_s,
       "epoch": run.train_it.epoch,
+      **{  # DPO: mean rewards and margin per pair
+        k: float(metrics[k]) / weight
+        for k in ("chosen_reward", "rejected_reward", "margin")
+        if k in metrics
+      },
     },
   )
 
@@ -389,12 +409,15 @@ def evaluate(run: Loop) -> tuple[dict[str, float], dict[str, list]]:
   for host_batch in it:
     batch = sharding.put_batch(run.mesh, host_batch)
     batch_sums, preds = run.eval_fn(run.state.params, batch, run.frozen)
-    for k in sums:
-      sums[k] += float(batch_sums[k])
+    for k in batch_sums:
+      sums[k] = sums.get(k, 0.0) + float(batch_sums[k])
     keep = _global_rows(batch["weights"]) > 0
     for k, v in preds.items():
       predicted.setdefault(k, []).extend(_global_rows(v)[keep].tolist())
-  metrics = losses.summarize(run.task, sums)
+  if run.objective is not None:
+    metrics = run.objective.summarize(sums)
+  else:
+    metrics = losses.summarize(run.task, sums)
   if run.prompts is not None:
     acc, said = answers.evaluate(
       run.model,
