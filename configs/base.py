@@ -119,6 +119,21 @@ def get_config() -> config_dict.ConfigDict:
   c.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo
   c.dpo.label_smoothing = 0.0  # sigmoid only: conservative DPO's e
 
+  # lm-evaluation-harness tasks run on the model at each evaluation (and
+  # before training) of a causal LM: their metrics go into metrics.jsonl
+  # as "task/metric", the console table and the curves.
+  c.eval = config_dict.ConfigDict()
+  c.eval.tasks = ()  # task names, e.g. ("stdlib_docstring_mc",)
+  c.eval.include_path = ""  # a folder of task YAMLs (e.g. "tasks")
+  c.eval.num_fewshot = 0
+  c.eval.limit = 0  # documents per task; 0: all
+  c.eval.apply_chat_template = False  # render prompts as a chat
+  c.eval.batch_size = 0  # rows per model call; 0: train.batch_size
+  # "auto": lm-eval when installed, else the zero-shot local
+  # multiple-choice tasks that qlora_jax/harness/native.py runs alone
+  # (the same numbers); "lm_eval" or "native" to insist.
+  c.eval.backend = "auto"
+
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1  # -1: every device not used by fsdp
   c.mesh.fsdp = 1

@@ -13,7 +13,7 @@ tasks in tasks/ read their files relative to the repository root.
 
 from absl import flags
 
-from qlora_jax.engine import cli
+from qlora_jax.engine import cli, tasks
 from qlora_jax.harness import evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
@@ -40,6 +40,7 @@ _MAX_LENGTH = flags.DEFINE_integer(
 )
 _SAMPLES = flags.DEFINE_bool("log_samples", False, "Per-sample logs in --out.")
 _OUT = flags.DEFINE_string("out", None, "The results JSON to write.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 flags.mark_flags_as_required(["tasks"])
 flags.mark_flags_as_mutual_exclusive(["workdir", "checkpoint"], required=True)
 
@@ -47,26 +48,36 @@ flags.mark_flags_as_mutual_exclusive(["workdir", "checkpoint"], required=True)
 def main(argv):
   del argv
   evaluate.require_lm_eval()
+  if _BATCH.value < 1:
+    raise ValueError(f"--batch_size must be >= 1, got {_BATCH.value}")
+  kept = dict(workdir=_WORKDIR.value, checkpoint=_CHECKPOINT.value)
+  if _OUT.value:
+    tasks.check_out(_OUT.value, _OVERWRITE.value, **kept)
   if _WORKDIR.value:
-    loaded = evaluate.load_run(_WORKDIR.value, _STEP.value, _MAX_LENGTH.value)
+    model = tasks.load_run(
+      _WORKDIR.value, _STEP.value, _MAX_LENGTH.value, _BATCH.value
+    )
   else:
-    loaded = evaluate.load_checkpoint(
-      _CHECKPOINT.value, _QUANT.value, _DTYPE.value, _MAX_LENGTH.value
+    model = tasks.load_checkpoint(
+      _CHECKPOINT.value,
+      _QUANT.value,
+      _DTYPE.value,
+      _MAX_LENGTH.value,
+      _BATCH.value,
     )
   limit = _LIMIT.value
   results = evaluate.evaluate(
-    loaded,
+    model,
     _TASKS.value,
     _INCLUDE.value,
     num_fewshot=_FEWSHOT.value,
     limit=int(limit) if limit is not None and limit >= 1 else limit,
     apply_chat_template=_CHAT.value,
-    batch_size=_BATCH.value,
     log_samples=_SAMPLES.value,
   )
   print(evaluate.table(results))
   if _OUT.value:
-    evaluate.write_json(results, _OUT.value)
+    tasks.write_results(results, _OUT.value, _OVERWRITE.value, **kept)
     print(f"wrote {_OUT.value}")
 
 

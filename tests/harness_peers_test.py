@@ -24,8 +24,7 @@ lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
 from qlora_jax import models  # noqa: E402
-from qlora_jax.engine import export  # noqa: E402
-from qlora_jax.harness import evaluate  # noqa: E402
+from qlora_jax.engine import export, tasks  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ["stdlib_docstring_mc", "stdlib_docstring_gen", "stdlib_source_ppl"]
@@ -76,8 +75,7 @@ def test_matches_hf_backend(folder, monkeypatch, chat, shots):
     chat,
     shots,
   )
-  loaded = evaluate.load_checkpoint(str(folder))
-  lm = JaxLM(loaded.model, loaded.tokenizer, "smollm2", end_ids=loaded.end_ids)
+  lm = JaxLM(tasks.load_checkpoint(str(folder)))
   ours = _run(lm, chat, shots)
   worst, differ = 0.0, []
   for task in TASKS:

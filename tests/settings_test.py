@@ -48,6 +48,12 @@ CASES = [
   (dict(opt__b2=1.0), "opt.b2", "[0, 1)"),
   (dict(opt__max_grad_norm=-1.0), "opt.max_grad_norm", ">= 0"),
   (dict(opt__lora_plus_ratio=0.0), "opt.lora_plus_ratio", "> 0"),
+  (dict(eval__backend="hf"), "eval.backend", "unknown value 'hf'"),
+  (dict(eval__limit=-1), "eval.limit", ">= 0"),
+  (dict(eval__num_fewshot=-1), "eval.num_fewshot", ">= 0"),
+  (dict(eval__batch_size=-1), "eval.batch_size", ">= 0"),
+  (dict(eval__tasks=("",)), "eval.tasks", "a list of task names"),
+  (dict(eval__tasks=("mmlu",)), "eval.tasks", "need model.task 'causal_lm'"),
 ]
 
 

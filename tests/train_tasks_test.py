@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from qlora_jax.engine import train
+from qlora_jax.engine import tasks, train
 from qlora_jax.engine.metrics import read_metrics
+from qlora_jax.harness import evaluate
 from tests import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -200,6 +201,38 @@ def test_instruction_tuning_answers_by_generation(tmp_path):
   config.data.max_new_tokens = 3
   config.train.steps = 4
   config.train.eval_every = 4
+  # An lm-eval multiple-choice task over the same words, run natively at
+  # each evaluation (zero-shot row included), with the chat template.
+  task_dir = tmp_path / "tasks"
+  task_dir.mkdir()
+  docs = [
+    {"prompt": r["prompt"], "answer": words.index(r["completion"])}
+    for r in rows[:6]
+  ]
+  (task_dir / "docs.jsonl").write_text(
+    "".join(json.dumps(d) + "\n" for d in docs)
+  )
+  (task_dir / "words.yaml").write_text(
+    json.dumps(
+      {
+        "task": "tiny_words",
+        "dataset_path": "json",
+        "dataset_kwargs": {
+          "data_files": {"test": str(task_dir / "docs.jsonl")}
+        },
+        "output_type": "multiple_choice",
+        "test_split": "test",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_choice": words[:7],
+        "doc_to_target": "answer",
+        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+      }
+    )
+  )
+  config.eval.tasks = ("tiny_words",)
+  config.eval.include_path = str(task_dir)
+  config.eval.apply_chat_template = True
+  config.eval.backend = "native"
   final = train.train_and_evaluate(config, str(tmp_path / "run"))
   evals = [
     r
@@ -207,6 +240,20 @@ def test_instruction_tuning_answers_by_generation(tmp_path):
     if r["kind"] == "eval"
   ]
   assert [r["step"] for r in evals] == [0, 4]  # zero-shot, then trained
+  for key in ("tiny_words/acc", "tiny_words/acc_norm", "tiny_words/acc_stderr"):
+    assert all(key in r for r in evals), key
+  # The last row is what experiments.evaluate's loading of the finished
+  # run (its base with the unmerged adapters) scores, exactly.
+  restored = tasks.load_run(str(tmp_path / "run"))
+  again = evaluate.run_tasks(
+    restored,
+    ["tiny_words"],
+    str(task_dir),
+    backend="native",
+    apply_chat_template=True,
+  )
+  assert again == {k: v for k, v in evals[1].items() if "/" in k}
+  assert final["tiny_words/acc"] == evals[1]["tiny_words/acc"]
   lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
   said = [json.loads(line) for line in lines]
   assert [r["answer"] for r in said] == [r["completion"] for r in rows[:6]]
@@ -214,6 +261,7 @@ def test_instruction_tuning_answers_by_generation(tmp_path):
   assert final["answer_accuracy"] == pytest.approx(right, abs=1e-12)
   summary = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
   assert summary["zero_shot_answer_accuracy"] == evals[0]["answer_accuracy"]
+  assert summary["zero_shot_tiny_words/acc"] == evals[0]["tiny_words/acc"]
 
 
 def test_main_job_shrunk_instruction_tunes_smollm2(tmp_path, capsys):

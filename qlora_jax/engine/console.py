@@ -15,6 +15,7 @@ import logging as std_logging
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ from absl import flags, logging
 from qlora_jax import nn as qnn
 from qlora_jax import quant
 from qlora_jax.engine.settings import CLASSIFICATION, Settings
+from qlora_jax.harness.evaluate import headline
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -180,23 +182,36 @@ def show_summary(summary: Summary) -> None:
     say(line)
 
 
-def show_table_header(resumed_from: int | None, answers: bool) -> None:
-  """The eval table's header, after where a resumed run picks up."""
+def show_table_header(
+  resumed_from: int | None, answers: bool, columns: Sequence[str] = ()
+) -> None:
+  """The eval table's header, after where a resumed run picks up;
+  `columns` are the "task/metric" keys of the lm-eval tasks shown."""
   if resumed_from is not None:
     say(f"resumed from     step {resumed_from}")
   extra = f" {'answer acc':>10}" if answers else ""
+  extra += "".join(f" {c}" for c in columns)
   say(
     f"{'step':>10} {'train loss':>11} {'eval loss':>10} {'eval acc':>9}{extra}"
   )
 
 
 def eval_line(
-  step: int, total: int, train_loss: float | None, m: dict, note: str = ""
+  step: int,
+  total: int,
+  train_loss: float | None,
+  m: dict,
+  columns: Sequence[str] = (),
+  note: str = "",
 ):
   """One row of the eval table (train loss "-" before any training), with
-  an optional note after it ("zero-shot baseline")."""
+  the lm-eval task metrics `columns` and an optional note after it
+  ("zero-shot baseline")."""
   train = "-" if train_loss is None else f"{train_loss:.4f}"
   extra = f" {m['answer_accuracy']:>10.4f}" if "answer_accuracy" in m else ""
+  for c in columns:  # "task/metric", or a task: its first metric
+    key = c if c in m else next(iter(headline(m, c)), None)
+    extra += f" {m[key]:>{len(c)}.4f}" if key else f" {'-':>{len(c)}}"
   if "perplexity" in m:
     extra += f" {m['perplexity']:>9.2f} ppl"
   if note:

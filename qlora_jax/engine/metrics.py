@@ -129,7 +129,8 @@ def read_metrics(path: str | pathlib.Path) -> list[dict]:
 
 def plot_curves(records: list[dict], path: str | pathlib.Path) -> None:
   """A PNG of the train loss per logged step, the eval loss and the eval
-  metric per eval (matplotlib, no display)."""
+  metric per eval, and the lm-eval tasks' metrics (matplotlib, no
+  display)."""
   import matplotlib  # noqa: PLC0415 (only runs that finish need it)
 
   matplotlib.use("Agg")
@@ -140,9 +141,13 @@ def plot_curves(records: list[dict], path: str | pathlib.Path) -> None:
   metric = next(
     (k for k in ("accuracy", "perplexity") if evals and k in evals[0]), None
   )
-  fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(10, 4))
-  axes = axes if metric else [axes]
-  ax = axes[0]
+  tasks = sorted(
+    {k for r in evals for k in r if "/" in k and "stderr" not in k}
+  )
+  panels = 1 + bool(metric) + bool(tasks)
+  fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+  axes = list(axes) if panels > 1 else [axes]
+  ax = axes.pop(0)
   ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
   if evals:
     ax.plot(
@@ -155,10 +160,18 @@ def plot_curves(records: list[dict], path: str | pathlib.Path) -> None:
   ax.set_ylabel("loss")
   ax.legend()
   if metric:
-    ax = axes[1]
+    ax = axes.pop(0)
     ax.plot([r["step"] for r in evals], [r[metric] for r in evals], "o-")
     ax.set_xlabel("step")
     ax.set_ylabel(f"eval {metric}")
+  if tasks:  # lm-eval task metrics ("task/metric"), the zero-shot row too
+    ax = axes.pop(0)
+    for key in tasks:
+      points = [(r["step"], r[key]) for r in evals if key in r]
+      ax.plot(*zip(*points, strict=True), "o-", label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("lm-eval tasks")
+    ax.legend(fontsize="small")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

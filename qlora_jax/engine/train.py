@@ -34,6 +34,7 @@ from qlora_jax.engine import (
   setup,
   sharding,
   steps,
+  tasks,
 )
 from qlora_jax.engine import (
   workdir as run_dir,
@@ -82,6 +83,8 @@ class Loop:
   prompts: answers.Prompts | None = None
   plan_lines: list[str] = dataclasses.field(default_factory=list)
   objective: Any = None  # steps.train_step's: None (SFT) or dpo.Dpo
+  task_eval: tasks.DuringTraining | None = None  # eval.tasks
+  model_config: Any = None
 
   @property
   def task(self) -> str:
@@ -156,6 +159,9 @@ def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Loop:
       run_data.tokenizer,
       s.data.max_length,
     )
+  task_eval = None
+  if s.eval.tasks:
+    task_eval = tasks.DuringTraining(s.eval, t.batch_size)
   return Loop(
     s,
     workdir,
@@ -176,6 +182,8 @@ def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Loop:
     prompts,
     plan_lines,
     objective,
+    task_eval,
+    loaded.config,
   )
 
 
@@ -326,7 +334,8 @@ def _train(
   console.show_summary(run.summary)
   checkpoints = Checkpoints(workdir, keep=s.train.keep_checkpoints)
   resumed, epoch_sums = _restore(run, checkpoints)
-  console.show_table_header(resumed, run.prompts is not None)
+  columns = run.task_eval.columns() if run.task_eval else []
+  console.show_table_header(resumed, run.prompts is not None, columns)
   meta_base = {
     "label_map": (
       run.run_data.label_map.to_dict() if run.run_data.label_map else None
@@ -340,15 +349,16 @@ def _train(
   ckpt_every = t.checkpoint_every or run.eval_every
   eval_metrics: dict[str, Any] = {}
   predictions: dict[str, list] = {}
-  if run.prompts is not None and resumed is None:  # before fine-tuning
+  before = run.prompts is not None or run.task_eval is not None
+  if before and resumed is None:  # before fine-tuning
     zero_shot, _ = evaluate(run)
     writer.write("eval", 0, zero_shot)
     console.eval_line(
-      0, run.total_steps, None, zero_shot, note="zero-shot baseline"
+      0, run.total_steps, None, zero_shot, columns, note="zero-shot baseline"
     )
-    run.summary.numbers["zero_shot_answer_accuracy"] = zero_shot[
-      "answer_accuracy"
-    ]
+    for key, value in zero_shot.items():
+      if key == "answer_accuracy" or "/" in key:
+        run.summary.numbers[f"zero_shot_{key}"] = value
   tick, tokens = time.perf_counter(), 0
   compiled, cost, step_times = None, {}, []
   while step < run.total_steps:
@@ -377,7 +387,9 @@ def _train(
       train_loss = epoch_sums["loss"] / max(epoch_sums["weight"], 1e-9)
       epoch_sums = {"loss": 0.0, "weight": 0.0}
       writer.write("eval", step, dict(eval_metrics, train_loss=train_loss))
-      console.eval_line(step, run.total_steps, train_loss, eval_metrics)
+      console.eval_line(
+        step, run.total_steps, train_loss, eval_metrics, columns
+      )
     if step % ckpt_every == 0 or last:
       meta = dict(
         meta_base, data=run.train_it.state(), step=step, running=epoch_sums
@@ -430,6 +442,16 @@ def evaluate(run: Loop) -> tuple[dict[str, float], dict[str, list]]:
     )
     metrics["answer_accuracy"] = acc
     predicted["answers"] = said
+  if run.task_eval is not None:
+    metrics.update(
+      run.task_eval(
+        run.model,
+        run.state.params,
+        run.frozen,
+        run.model_config,
+        run.run_data.tokenizer,
+      )
+    )
   return metrics, predicted
 
 

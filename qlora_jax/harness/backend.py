@@ -1,127 +1,42 @@
-"""The `lm_eval.api.model.LM` over our JAX model: the only module that
+"""The `lm_eval.api.model.LM` over a `lm.TextModel`: the only module that
 imports lm_eval (import it through `harness.evaluate`, which says what to
-install when lm-eval is missing).
-
-Semantics are those of lm-eval 0.4.13's Hugging Face backend (`HFLM`):
-texts are encoded with the tokenizer's own special tokens unless they
-start with the prefix token's text; the prefix token is BOS, else EOS;
-`generate_until` stops at the EOS token and cuts the text at the first
-stop string (the EOS token's text among them); a chat history renders
-with the checkpoint's template, a system message dropped if the template
-refuses it, the last message continued when no generation prompt is
-asked for.
+install when lm-eval is missing). Every request is answered by the
+TextModel, with lm-eval's Hugging Face backend's semantics (`harness.lm`).
 """
 
-import jax
 from lm_eval.api.model import LM
 
-from qlora_jax.data import Tokenizer
-from qlora_jax.data.chat import TemplateError
-from qlora_jax.harness import requests, scoring
+from qlora_jax.harness.lm import TextModel
 
 
 class JaxLM(LM):
-  """lm-eval's view of a `scoring.Model` and its tokenizer."""
+  """lm-eval's view of a `TextModel`."""
 
-  def __init__(
-    self,
-    model: scoring.Model,
-    tokenizer: Tokenizer,
-    name: str,
-    batch_size: int = 8,
-    max_gen_toks: int = 256,
-    seed: int = 0,
-    end_ids: tuple[int, ...] = (),
-  ):
+  def __init__(self, text_model: TextModel):
     super().__init__()
-    if batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    self.model = model
-    self.tokenizer = tokenizer
-    self.name = name
-    self.batch_size = batch_size
-    self.max_gen_toks = max_gen_toks
-    self.rng = jax.random.key(seed)
-    self.end_ids = end_ids  # without the tokenizer's EOS (the model's)
-    prefix = tokenizer.bos_id if tokenizer.bos_id is not None else None
-    self.prefix_id = prefix if prefix is not None else tokenizer.eos_id
-    if self.prefix_id is None:
-      raise ValueError(f"{name}: the tokenizer has neither BOS nor EOS")
-    self._prefix_text = tokenizer.decode([self.prefix_id], False)
-
-  def encode(self, text: str) -> list[int]:
-    """Ids with the tokenizer's specials, none for a text that starts with
-    the prefix token's text (a rendered chat)."""
-    specials = not text.startswith(self._prefix_text)
-    return self.tokenizer.encode(text, add_special_tokens=specials)
+    self.text_model = text_model
 
   def loglikelihood(self, instances, disable_tqdm: bool = False):
-    rows = []
-    for context, continuation in (i.args for i in instances):
-      if context:
-        ctx, cont = requests.encode_pair(self.encode, context, continuation)
-      else:
-        bare = self.tokenizer.encode(continuation, add_special_tokens=False)
-        ctx, cont = requests.empty_context(bare, self.prefix_id)
-      rows.append(requests.scored_row(ctx, cont, self.model.max_length))
-    return scoring.score(self.model, rows, self.batch_size)
+    return self.text_model.loglikelihood([i.args[:2] for i in instances])
 
   def loglikelihood_rolling(self, instances, disable_tqdm: bool = False):
-    rows, owner = [], []
-    for k, (text,) in enumerate(i.args for i in instances):
-      for ctx, pred in requests.rolling_windows(
-        self.encode(text), self.prefix_id, self.model.max_length
-      ):
-        rows.append(requests.scored_row(ctx, pred, self.model.max_length))
-        owner.append(k)
-    totals = [0.0] * len(instances)
-    for k, (logp, _) in zip(
-      owner, scoring.score(self.model, rows, self.batch_size), strict=True
-    ):
-      totals[k] += logp
-    return totals
+    return self.text_model.loglikelihood_rolling([i.args[0] for i in instances])
 
   def generate_until(self, instances, disable_tqdm: bool = False):
-    tok = self.tokenizer
-    eos_text = None
-    if tok.eos_id is not None:
-      eos_text = tok.decode([tok.eos_id], False)
-    end_ids = [tok.end_id] if tok.end_id is not None else []
-    end_ids = end_ids or list(self.end_ids)
-    groups: dict[requests.Generation, list[int]] = {}
-    for k, (_, kwargs) in enumerate(i.args for i in instances):
-      settings = requests.generation(dict(kwargs), eos_text, self.max_gen_toks)
-      groups.setdefault(settings, []).append(k)
-    out = [""] * len(instances)
-    for settings, members in groups.items():
-      prompts = [self.encode(instances[k].args[0]) for k in members]
-      self.rng, sub = jax.random.split(self.rng)
-      new = scoring.generate(
-        self.model, prompts, settings, end_ids, self.batch_size, sub
-      )
-      for k, ids in zip(members, new, strict=True):
-        out[k] = requests.cut_at_stops(tok.decode(ids), settings.until)
-    return out
+    return self.text_model.generate_until([i.args[:2] for i in instances])
 
   def apply_chat_template(
     self, chat_history: list[dict[str, str]], add_generation_prompt=True
   ) -> str:
-    try:
-      return self._render(chat_history, add_generation_prompt)
-    except TemplateError:
-      kept = [m for m in chat_history if m["role"] != "system"]
-      return self._render(kept, add_generation_prompt)
-
-  def _render(self, messages, add_generation_prompt: bool) -> str:
-    text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
-    if add_generation_prompt:
-      return text
-    last = messages[-1]["content"].strip()  # continued, not closed
-    return text[: text.rindex(last) + len(last)]
+    return self.text_model.apply_chat_template(
+      chat_history, add_generation_prompt
+    )
 
   @property
   def tokenizer_name(self) -> str:
-    return self.name.replace("/", "__")
+    return self.text_model.name.replace("/", "__")
 
   def chat_template(self, chat_template: bool | str = False) -> str | None:
-    return self.tokenizer.chat_template if chat_template else None
+    if not chat_template:
+      return None
+    return self.text_model.tokenizer.chat_template

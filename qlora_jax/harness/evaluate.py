@@ -1,106 +1,53 @@
-"""lm-eval tasks run on a finished run or a checkpoint (experiments.evaluate).
+"""lm-eval tasks on a `TextModel`: lm-eval's `simple_evaluate` when it is
+installed, else the local multiple-choice tasks `native` runs alone.
 
-A run is its 4-bit base with the unmerged adapters of a checkpoint
-(`engine.restore`); a checkpoint alone (a Hugging Face folder, a GGUF file,
-or a name such as "smollm2") loads with `models.from_pretrained`, float or
-quantized. lm-eval is imported only here and only when tasks run: without
+lm-eval is imported only here and only when tasks run through it: without
 it, `require_lm_eval` raises one line saying what to install.
 """
 
-import dataclasses
 import importlib.util
 import json
-import pathlib
+from collections.abc import Sequence
 from typing import Any
 
-from qlora_jax import models
-from qlora_jax.data import Tokenizer
-from qlora_jax.engine import restore, setup
-from qlora_jax.engine.settings import DTYPES
-from qlora_jax.harness import scoring
+from qlora_jax.harness import native
+from qlora_jax.harness.lm import TextModel
 
 INSTALL = "pip install lm-eval==0.4.13 (or pip install -e .[eval])"
+BACKENDS = ("auto", "lm_eval", "native")
+
+
+def has_lm_eval() -> bool:
+  return importlib.util.find_spec("lm_eval") is not None
 
 
 def require_lm_eval() -> None:
   """Raises ImportError saying what to install when lm-eval is missing."""
-  if importlib.util.find_spec("lm_eval") is None:
+  if not has_lm_eval():
     raise ImportError(f"evaluating tasks needs lm-eval: {INSTALL}")
 
 
-@dataclasses.dataclass
-class Loaded:
-  """A model to evaluate, its tokenizer and a name for the results."""
-
-  model: scoring.Model
-  tokenizer: Tokenizer
-  name: str
-  end_ids: tuple[int, ...] = ()  # the model's EOS ids
-
-
-def _loaded(lm, tokenizer, name: str, max_length: int | None) -> Loaded:
-  if tokenizer is None:
-    raise ValueError(f"{name}: no tokenizer, so texts cannot be encoded")
-  if getattr(lm.config, "max_positions", None) is None and not max_length:
-    raise ValueError(f"{name}: no context length: pass max_length")
-  length = max_length or lm.config.max_positions
-  model = scoring.Model(lm.model, lm.variables, length, tokenizer.pad_id)
-  ends = tuple(getattr(lm.config, "eos_token_ids", ()))
-  return Loaded(model, tokenizer, name, ends)
-
-
-def load_run(
-  workdir: str, step: int | None = None, max_length: int | None = None
-) -> Loaded:
-  """A run's base (quantized as it trained) with its unmerged adapters."""
-  run = restore.restore(workdir, step)
-  name = f"{workdir}@{run.step}"
-  return _loaded(run.lm, run.tokenizer, name, max_length)
-
-
-def load_checkpoint(
-  checkpoint: str,
-  quant: str = "none",
-  dtype: str = "float32",
-  max_length: int | None = None,
-) -> Loaded:
-  """A checkpoint alone; `quant` names a data type ("nf4", ...) to
-  quantize its linear layers (output heads kept) on load."""
-  path = setup.resolve_checkpoint(checkpoint)
-  lm = models.from_pretrained(
-    path,
-    task="causal_lm",
-    quant={"data_type": quant},
-    dtype=DTYPES[dtype],
-    base_dtype=DTYPES[dtype],
-    with_tokenizer=False,
-  )
-  return _loaded(lm, setup.load_tokenizer(path), checkpoint, max_length)
-
-
 def evaluate(
-  loaded: Loaded,
-  tasks: list[str],
+  model: TextModel,
+  tasks: Sequence[str],
   include_path: str | None = None,
   *,
   num_fewshot: int | None = None,
   limit: int | float | None = None,
   apply_chat_template: bool = False,
-  batch_size: int = 8,
   log_samples: bool = False,
   seed: int = 0,
 ) -> dict[str, Any]:
-  """lm_eval.simple_evaluate's results of `tasks` on the loaded model."""
+  """lm_eval.simple_evaluate's results of `tasks` on the model."""
   require_lm_eval()
   import lm_eval
   from lm_eval.tasks import TaskManager
 
   from qlora_jax.harness.backend import JaxLM
 
-  lm = JaxLM(loaded.model, loaded.tokenizer, loaded.name, batch_size, seed=seed)
   manager = TaskManager(include_path=include_path)
   return lm_eval.simple_evaluate(
-    model=lm,
+    model=JaxLM(model),
     tasks=list(tasks),
     num_fewshot=num_fewshot,
     limit=limit,
@@ -109,6 +56,95 @@ def evaluate(
     task_manager=manager,
     random_seed=seed,
   )
+
+
+def resolve_backend(
+  backend: str,
+  tasks: Sequence[str],
+  include_path: str | None,
+  num_fewshot: int = 0,
+) -> str:
+  """ "lm_eval" or "native": the backend `run_tasks` will use, checked
+  before any model loads.
+
+  Raises:
+    ImportError: lm-eval is needed (asked for, or a task only it runs)
+      and missing; says what to install.
+    ValueError: "native" asked for a task it cannot run, or a bad name.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+  if backend == "auto":
+    backend = "lm_eval" if has_lm_eval() else "native"
+    if backend == "native":
+      try:
+        _native_tasks(tasks, include_path, num_fewshot)
+      except native.Unsupported as e:
+        raise ImportError(f"{e}: {INSTALL}") from e
+  elif backend == "lm_eval":
+    require_lm_eval()
+  else:
+    _native_tasks(tasks, include_path, num_fewshot)
+  return backend
+
+
+def _native_tasks(tasks, include_path, num_fewshot) -> list[native.LocalTask]:
+  if num_fewshot:
+    raise native.Unsupported("few-shot examples (num_fewshot > 0)")
+  return [native.load(name, include_path) for name in tasks]
+
+
+def run_tasks(
+  model: TextModel,
+  tasks: Sequence[str],
+  include_path: str | None = None,
+  *,
+  backend: str = "auto",
+  num_fewshot: int = 0,
+  limit: int | None = None,
+  apply_chat_template: bool = False,
+) -> dict[str, float]:
+  """{"task/metric": value} of each task (stderr included), through
+  lm-eval or natively (`resolve_backend`); the same numbers either way."""
+  backend = resolve_backend(backend, tasks, include_path, num_fewshot)
+  out: dict[str, float] = {}
+  if backend == "native":
+    for task in _native_tasks(tasks, include_path, num_fewshot):
+      metrics = native.evaluate(model, task, limit, apply_chat_template)
+      out.update({f"{task.name}/{k}": v for k, v in metrics.items()})
+    return out
+  results = evaluate(
+    model,
+    tasks,
+    include_path,
+    num_fewshot=num_fewshot,
+    limit=limit or None,
+    apply_chat_template=apply_chat_template,
+  )
+  for task, metrics in results["results"].items():
+    for key, value in metrics.items():
+      metric, comma, filt = key.partition(",")
+      if not comma or not isinstance(value, float | int):
+        continue  # "alias", "sample_len": not metrics
+      if isinstance(value, bool):
+        continue
+      if filt not in ("none", ""):
+        metric = f"{metric},{filt}"
+      out[f"{task}/{metric}"] = float(value)
+  return out
+
+
+def headline(metrics: dict[str, float], task: str | None = None) -> dict:
+  """Each task's first metric (the one a table shows), stderr aside; only
+  `task`'s when named."""
+  out = {}
+  for key, value in metrics.items():
+    name, _, metric = key.partition("/")
+    if not metric or "stderr" in metric or (task and name != task):
+      continue
+    if not any(k.startswith(name + "/") for k in out):
+      out[key] = value
+  return out
 
 
 def table(results: dict[str, Any]) -> str:
@@ -122,6 +158,6 @@ def table(results: dict[str, Any]) -> str:
   return text
 
 
-def write_json(results: dict[str, Any], out: str | pathlib.Path) -> None:
+def to_json(results: dict[str, Any]) -> str:
   """The results as JSON (values lm-eval leaves unserialisable as text)."""
-  pathlib.Path(out).write_text(json.dumps(results, indent=2, default=str))
+  return json.dumps(results, indent=2, default=str) + "\n"

@@ -5,8 +5,9 @@ a power of two of rows, filled with copies of its first row), each batch
 padded to its longest row's bucket length (`requests.bucket`): a task
 compiles one program per bucket and row count, not one per batch.
 Log-probabilities are float32 and taken over the whole vocabulary; the
-head runs over chunks of positions so that a batch never holds its full
-[B, L, vocab] logits.
+head runs over the scored positions alone (a multiple-choice answer's
+few tokens, not the whole row: most of a row's head work otherwise),
+in chunks of positions so that a batch never holds [B, L, vocab] logits.
 """
 
 import dataclasses
@@ -34,11 +35,13 @@ class Model:
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
-def _token_scores(module, variables, inputs, segments, targets):
-  """(log p(target), target is the argmax) per position, float32 [B, L]."""
+def _token_scores(module, variables, inputs, segments, positions, targets):
+  """(log p(target), target is the argmax), float32 [B, K], at the K
+  scored `positions` of each row: the head runs over those alone."""
   hidden = module.apply(variables, inputs, segments, return_hidden=True)
-  b, length, width = hidden.shape
-  chunks = length // HEAD_CHUNK if length % HEAD_CHUNK == 0 else 1
+  hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+  b, k, width = hidden.shape
+  chunks = k // HEAD_CHUNK if k % HEAD_CHUNK == 0 else 1
   h = hidden.reshape(b, chunks, -1, width).swapaxes(0, 1)
   t = targets.reshape(b, chunks, -1).swapaxes(0, 1)
 
@@ -51,8 +54,8 @@ def _token_scores(module, variables, inputs, segments, targets):
 
   picked, greedy = jax.lax.map(one, (h, t))
   return (
-    picked.swapaxes(0, 1).reshape(b, length),
-    greedy.swapaxes(0, 1).reshape(b, length),
+    picked.swapaxes(0, 1).reshape(b, k),
+    greedy.swapaxes(0, 1).reshape(b, k),
   )
 
 
@@ -79,23 +82,28 @@ def score(
     chosen = order[start : start + size]
     batch = _fill([rows[i] for i in chosen], size)
     width = requests.bucket(len(batch[0].inputs), model.max_length)
+    k = requests.bucket(max(r.n_scored for r in batch), width, smallest=1)
     ids = np.full((size, width), model.pad_id, np.int32)
     segments = np.zeros((size, width), np.int32)
-    targets = np.zeros((size, width), np.int32)
+    positions = np.zeros((size, k), np.int32)
+    targets = np.zeros((size, k), np.int32)
     for j, r in enumerate(batch):
-      n = len(r.inputs)
+      n, m = len(r.inputs), r.n_scored
       ids[j, :n] = r.inputs
       segments[j, :n] = 1
-      targets[j, : n - 1] = r.inputs[1:]
-      targets[j, n - r.n_scored : n] = r.targets
+      positions[j, :m] = np.arange(n - m, n)
+      positions[j, m:] = n - 1  # filler, not read back
+      targets[j, :m] = r.targets
     picked, greedy = jax.device_get(
-      _token_scores(model.module, model.variables, ids, segments, targets)
+      _token_scores(
+        model.module, model.variables, ids, segments, positions, targets
+      )
     )
     for j, i in enumerate(chosen):
-      n, k = len(rows[i].inputs), rows[i].n_scored
+      m = rows[i].n_scored
       out[i] = (
-        float(picked[j, n - k : n].sum(dtype=np.float64)),
-        bool(greedy[j, n - k : n].all()),
+        float(picked[j, :m].sum(dtype=np.float64)),
+        bool(greedy[j, :m].all()),
       )
   return out
 
