@@ -25,6 +25,7 @@ could otherwise read a half-written entry.
 
 import os
 import shutil
+import signal
 import tempfile
 
 # The longest test files, longest first (seconds of one worker on 2 CPU
@@ -48,6 +49,14 @@ LONG_FILES = (
   "nn_cpu_kernel_test.py",
   "lowering_test.py",
 )
+
+# A suite started in the background of a shell without job control
+# inherits SIGINT ignored (bash ignores it for asynchronous commands), and
+# the Ctrl-C tests would then see no KeyboardInterrupt. Deliver it as a
+# terminal does, here and in the processes the tests start (an ignored
+# signal stays ignored across exec, a handled one does not).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _ROOT_ENV = "QLORA_JAX_TEST_XLA_CACHE"
 _LEVEL = "--xla_backend_optimization_level"
