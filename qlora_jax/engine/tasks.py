@@ -99,6 +99,11 @@ class DuringTraining:
     self.backend = evaluate.resolve_backend(
       e.backend, e.tasks, e.include_path or None, e.num_fewshot
     )
+    self.native = None  # read once, not at each evaluation
+    if self.backend == "native":
+      self.native = evaluate.native_tasks(
+        e.tasks, e.include_path or None, e.num_fewshot
+      )
 
   def columns(self) -> list[str]:
     """The console's column of each task: "task/metric" of its first
@@ -123,6 +128,10 @@ class DuringTraining:
       "training",
       batch_size=self.batch_size,
     )
+    if self.native is not None:
+      return evaluate.run_native(
+        model, self.native, e.limit or None, e.apply_chat_template
+      )
     return evaluate.run_tasks(
       model,
       e.tasks,

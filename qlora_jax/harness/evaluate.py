@@ -78,17 +78,20 @@ def resolve_backend(
     backend = "lm_eval" if has_lm_eval() else "native"
     if backend == "native":
       try:
-        _native_tasks(tasks, include_path, num_fewshot)
+        native_tasks(tasks, include_path, num_fewshot)
       except native.Unsupported as e:
         raise ImportError(f"{e}: {INSTALL}") from e
   elif backend == "lm_eval":
     require_lm_eval()
   else:
-    _native_tasks(tasks, include_path, num_fewshot)
+    native_tasks(tasks, include_path, num_fewshot)
   return backend
 
 
-def _native_tasks(tasks, include_path, num_fewshot) -> list[native.LocalTask]:
+def native_tasks(
+  tasks: Sequence[str], include_path: str | None, num_fewshot: int = 0
+) -> list[native.LocalTask]:
+  """The tasks as `native` reads them (raises `native.Unsupported`)."""
   if num_fewshot:
     raise native.Unsupported("few-shot examples (num_fewshot > 0)")
   return [native.load(name, include_path) for name in tasks]
@@ -106,13 +109,14 @@ def run_tasks(
 ) -> dict[str, float]:
   """{"task/metric": value} of each task (stderr included), through
   lm-eval or natively (`resolve_backend`); the same numbers either way."""
-  backend = resolve_backend(backend, tasks, include_path, num_fewshot)
-  out: dict[str, float] = {}
+  if backend == "auto":
+    backend = resolve_backend(backend, tasks, include_path, num_fewshot)
   if backend == "native":
-    for task in _native_tasks(tasks, include_path, num_fewshot):
-      metrics = native.evaluate(model, task, limit, apply_chat_template)
-      out.update({f"{task.name}/{k}": v for k, v in metrics.items()})
-    return out
+    loaded = native_tasks(tasks, include_path, num_fewshot)
+    return run_native(model, loaded, limit, apply_chat_template)
+  if backend != "lm_eval":
+    raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+  out: dict[str, float] = {}
   results = evaluate(
     model,
     tasks,
@@ -131,6 +135,20 @@ def run_tasks(
       if filt not in ("none", ""):
         metric = f"{metric},{filt}"
       out[f"{task}/{metric}"] = float(value)
+  return out
+
+
+def run_native(
+  model: TextModel,
+  loaded: Sequence[native.LocalTask],
+  limit: int | None = None,
+  apply_chat_template: bool = False,
+) -> dict[str, float]:
+  """`run_tasks`' results of tasks `native.load` has read."""
+  out: dict[str, float] = {}
+  for task in loaded:
+    metrics = native.evaluate(model, task, limit, apply_chat_template)
+    out.update({f"{task.name}/{k}": v for k, v in metrics.items()})
   return out
 
 

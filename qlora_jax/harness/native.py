@@ -85,12 +85,10 @@ class LocalTask:
   doc_to_target: Any
   target_delimiter: str
   metrics: tuple[str, ...]
-
-  def _features(self) -> set[str]:
-    return {k for d in self.docs for k in d}
+  features: frozenset[str] = frozenset()  # the documents' fields
 
   def text(self, doc: dict) -> str:
-    if self.doc_to_text in self._features():
+    if self.doc_to_text in self.features:
       return doc[self.doc_to_text]
     return _ENV.from_string(self.doc_to_text).render(**doc)
 
@@ -100,7 +98,7 @@ class LocalTask:
       return [str(x) for x in c]
     if isinstance(c, dict):
       return [str(x) for x in c.values()]
-    if c in self._features():
+    if c in self.features:
       return list(doc[c])
     return list(ast.literal_eval(_ENV.from_string(c).render(**doc)))
 
@@ -108,7 +106,7 @@ class LocalTask:
     """The index of the right choice (-1 when it names none)."""
     t = self.doc_to_target
     if isinstance(t, str):
-      if t in self._features():
+      if t in self.features:
         t = doc[t]
       else:
         t = _ENV.from_string(t).render(**doc)
@@ -194,15 +192,17 @@ def load(name: str, include_path: str | pathlib.Path | None) -> LocalTask:
   data = files[split]
   if not isinstance(data, str):
     raise _unsupported(name, source, "several files for one split")
+  docs = _read_jsonl(pathlib.Path(data))
   return LocalTask(
     name=name,
     source=source,
-    docs=_read_jsonl(pathlib.Path(data)),
+    docs=docs,
     doc_to_text=config["doc_to_text"],
     doc_to_choice=config["doc_to_choice"],
     doc_to_target=config["doc_to_target"],
     target_delimiter=config.get("target_delimiter", " "),
     metrics=metrics,
+    features=frozenset(k for d in docs for k in d),
   )
 
 
