@@ -6,6 +6,7 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 
 from qlora_jax import models
 from qlora_jax.harness import requests, scoring
@@ -13,9 +14,30 @@ from qlora_jax.harness import requests, scoring
 HF = pathlib.Path(__file__).parent / "data" / "hf"
 
 
-def _model():
-  lm = models.from_pretrained(HF / "llama_gqa")
+def _model(name="llama_gqa"):
+  lm = models.from_pretrained(HF / name)
   return lm, scoring.Model(lm.model, lm.variables, 64, 0)
+
+
+def _reference(lm, rows):
+  """(log-likelihood, is_greedy) of each row from the model's full logits
+  in float64, the rows right-padded (causal: padding after a row changes
+  none of its logits)."""
+  ids = np.zeros((len(rows), max(len(r.inputs) for r in rows)), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, : len(row.inputs)] = row.inputs
+  logits = np.asarray(lm.model.apply(lm.variables, ids), np.float64)
+  out = []
+  for i, row in enumerate(rows):
+    full = logits[i, : len(row.inputs)][-row.n_scored :]
+    logp = full - np.log(np.exp(full).sum(-1, keepdims=True))
+    out.append(
+      (
+        sum(logp[j, t] for j, t in enumerate(row.targets)),
+        all(full[j].argmax() == t for j, t in enumerate(row.targets)),
+      )
+    )
+  return out
 
 
 def test_scores_equal_the_full_logits_of_each_row():
@@ -64,3 +86,32 @@ def test_generation_equals_unpadded_greedy_generation():
     eos_token_id=(),
   )
   assert got == np.asarray(want).tolist()
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gemma3_text", "gpt2"])
+def test_rows_sharing_a_context_score_as_whole_rows(name):
+  # Three contexts (7, 30 and 12 tokens) with 3 to 5 continuations of 1 to
+  # 4 tokens each, and one row alone: the shared rows run their context
+  # once through the KV cache and must score as the whole rows do (float32
+  # against the float64 reference: 1e-5 relative).
+  lm, model = _model(name)
+  rng = np.random.default_rng(1)
+  rows = []
+  for n, choices in ((7, 3), (30, 5), (12, 4)):
+    context = [int(t) for t in rng.integers(1, 90, n)]
+    for _ in range(choices):
+      cont = [int(t) for t in rng.integers(1, 90, rng.integers(1, 5))]
+      rows.append(requests.scored_row(context, cont, 64))
+  rows.append(requests.scored_row([3, 4, 5], [6, 7], 64))
+  ref = _reference(lm, rows)
+  # Make one continuation greedy, so is_greedy is checked both ways.
+  first = rows[0]
+  ids = np.asarray([first.inputs[: len(first.inputs) - first.n_scored + 1]])
+  top = int(np.asarray(lm.model.apply(lm.variables, ids))[0, -1].argmax())
+  rows[0] = requests.Scored(first.inputs[: len(ids[0])], [top])
+  ref[0] = _reference(lm, rows[:1])[0]
+  got = scoring.score(model, rows, batch_size=2)
+  for (logp, greedy), (want, want_greedy) in zip(got, ref, strict=True):
+    np.testing.assert_allclose(logp, want, rtol=1e-5)
+    assert greedy == want_greedy
+  assert got[0][1]

@@ -8,6 +8,12 @@ Log-probabilities are float32 and taken over the whole vocabulary; the
 head runs over the scored positions alone (a multiple-choice answer's
 few tokens, not the whole row: most of a row's head work otherwise),
 in chunks of positions so that a batch never holds [B, L, vocab] logits.
+
+Rows that share everything but their scored positions (the choices of a
+multiple-choice question: one context, several continuations) run the
+shared prefix once: it fills a KV cache, which each row's scored
+positions then extend (`_shared_scores`). The log-probabilities are the
+same as a whole row's, to float32 rounding.
 """
 
 import dataclasses
@@ -20,6 +26,7 @@ import numpy as np
 
 from qlora_jax.harness import requests
 from qlora_jax.models import generation
+from qlora_jax.models.attention import KVCache
 
 HEAD_CHUNK = 128  # positions per head call (SmolLM2: 25 MB a row)
 
@@ -40,6 +47,49 @@ def _token_scores(module, variables, inputs, segments, positions, targets):
   scored `positions` of each row: the head runs over those alone."""
   hidden = module.apply(variables, inputs, segments, return_hidden=True)
   hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+  return _head_scores(module, variables, hidden, targets)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _shared_scores(
+  module, variables, prefix, prefix_mask, owner, suffix, suffix_mask, targets
+):
+  """`_token_scores` of rows made of a shared prefix and a suffix: the G
+  left-padded prefixes [G, P] fill a KV cache once, row r takes prefix
+  `owner[r]`'s cache and feeds its right-padded suffix [R, K], whose K
+  positions are the scored ones."""
+  c = module.config
+  groups, width = prefix.shape
+  rows, k = suffix.shape
+  cache = KVCache.zeros(
+    c.num_layers,
+    groups,
+    width + k,
+    c.num_kv_heads,
+    c.head_dim,
+    module.opts.dtype,
+  )
+  positions = jnp.maximum(jnp.cumsum(prefix_mask, axis=1) - 1, 0)
+  _, cache = module.apply(
+    variables, prefix, prefix_mask, positions, cache=cache, return_hidden=True
+  )
+  cache = KVCache(
+    cache.key[:, owner],
+    cache.value[:, owner],
+    cache.segment_ids[owner],
+    cache.index,
+  )
+  start = jnp.sum(prefix_mask, axis=1)[owner]
+  positions = start[:, None] + jnp.arange(k)[None]
+  hidden, _ = module.apply(
+    variables, suffix, suffix_mask, positions, cache=cache, return_hidden=True
+  )
+  return _head_scores(module, variables, hidden, targets)
+
+
+def _head_scores(module, variables, hidden, targets):
+  """(log p(target), target is the argmax) of hidden states [B, K, width],
+  the head applied in chunks of positions."""
   b, k, width = hidden.shape
   chunks = k // HEAD_CHUNK if k % HEAD_CHUNK == 0 else 1
   h = hidden.reshape(b, chunks, -1, width).swapaxes(0, 1)
@@ -72,10 +122,102 @@ def _fill(rows: list, size: int) -> list:
   return rows + [rows[0]] * (size - len(rows))
 
 
+def _prefix(row: requests.Scored) -> tuple[int, ...]:
+  """The inputs before the row's scored positions."""
+  return tuple(row.inputs[: len(row.inputs) - row.n_scored])
+
+
 def score(
   model: Model, rows: Sequence[requests.Scored], batch_size: int
 ) -> list[tuple[float, bool]]:
-  """(sum of the scored targets' log-probs, all of them greedy) per row."""
+  """(sum of the scored targets' log-probs, all of them greedy) per row:
+  rows sharing a prefix with others run it once (`score_shared`), the
+  rest whole."""
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, row in enumerate(rows):
+    groups.setdefault(_prefix(row), []).append(i)
+  shared = [i for p, g in groups.items() if p and len(g) > 1 for i in g]
+  alone = sorted(set(range(len(rows))) - set(shared))
+  out: list[tuple[float, bool] | None] = [None] * len(rows)
+  for part, scores in (
+    (shared, score_shared(model, [rows[i] for i in shared], batch_size)),
+    (alone, score_whole(model, [rows[i] for i in alone], batch_size)),
+  ):
+    for i, s in zip(part, scores, strict=True):
+      out[i] = s
+  return out
+
+
+def _totals(picked, greedy, j: int, m: int) -> tuple[float, bool]:
+  return (
+    float(picked[j, :m].sum(dtype=np.float64)),
+    bool(greedy[j, :m].all()),
+  )
+
+
+def score_shared(
+  model: Model, rows: Sequence[requests.Scored], batch_size: int
+) -> list[tuple[float, bool]]:
+  """`score_whole`'s values, each distinct prefix (non-empty) run once:
+  `batch_size` prefixes a call, longest first."""
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, row in enumerate(rows):
+    groups.setdefault(_prefix(row), []).append(i)
+  prefixes = list(groups)
+  if not all(prefixes):
+    raise ValueError("score_shared needs rows with a non-empty prefix")
+  order = requests.longest_first(prefixes)
+  out: list[tuple[float, bool] | None] = [None] * len(rows)
+  for start, size in _batches(len(order), batch_size):
+    chosen = _fill([prefixes[i] for i in order[start : start + size]], size)
+    width = requests.bucket(len(chosen[0]), model.max_length)
+    prefix = np.full((size, width), model.pad_id, np.int32)
+    prefix_mask = np.zeros((size, width), np.int32)
+    for g, p in enumerate(chosen):
+      prefix[g, width - len(p) :] = p
+      prefix_mask[g, width - len(p) :] = 1
+    members = [
+      (g, i)
+      for g, p in enumerate(chosen[: min(size, len(order) - start)])
+      for i in groups[p]
+    ]
+    n = requests.batch_rows(len(members), 1 << 30)
+    members += [members[0]] * (n - len(members))
+    k = requests.bucket(
+      max(rows[i].n_scored for _, i in members), model.max_length, 1
+    )
+    owner = np.array([g for g, _ in members], np.int32)
+    suffix = np.full((n, k), model.pad_id, np.int32)
+    suffix_mask = np.zeros((n, k), np.int32)
+    targets = np.zeros((n, k), np.int32)
+    for j, (_, i) in enumerate(members):
+      r = rows[i]
+      m = r.n_scored
+      suffix[j, :m] = r.inputs[len(r.inputs) - m :]
+      suffix_mask[j, :m] = 1
+      targets[j, :m] = r.targets
+    picked, greedy = jax.device_get(
+      _shared_scores(
+        model.module,
+        model.variables,
+        prefix,
+        prefix_mask,
+        owner,
+        suffix,
+        suffix_mask,
+        targets,
+      )
+    )
+    for j, (_, i) in enumerate(members):
+      out[i] = _totals(picked, greedy, j, rows[i].n_scored)
+  return out
+
+
+def score_whole(
+  model: Model, rows: Sequence[requests.Scored], batch_size: int
+) -> list[tuple[float, bool]]:
+  """(sum of the scored targets' log-probs, all of them greedy) per row,
+  each row run whole."""
   out: list[tuple[float, bool] | None] = [None] * len(rows)
   order = requests.longest_first([r.inputs + r.targets[-1:] for r in rows])
   for start, size in _batches(len(order), batch_size):
@@ -100,11 +242,7 @@ def score(
       )
     )
     for j, i in enumerate(chosen):
-      m = rows[i].n_scored
-      out[i] = (
-        float(picked[j, :m].sum(dtype=np.float64)),
-        bool(greedy[j, :m].all()),
-      )
+      out[i] = _totals(picked, greedy, j, rows[i].n_scored)
   return out
 
 
