@@ -66,6 +66,9 @@ def get_config() -> config_dict.ConfigDict:
   c.data.max_length = 64  # tokens per row
   c.data.packing = False  # language modelling: pack documents into rows
   c.data.instruction = False  # prompt/completion JSONL (loss on completion)
+  # Chat template: "" the checkpoint's own | chatml | gemma | llama3 (built
+  # in, for base models) | a Jinja file | "none" (prompt + completion as is)
+  c.data.chat_template = ""
   c.data.text_split = "paragraph"  # .txt: one document per paragraph | line
   c.data.synthetic_examples = 256  # rows of random tokens (benchmarks)
   c.data.synthetic_eval_examples = 32

@@ -20,6 +20,7 @@ def get_config():
   c = default.get_config()
   c.model.checkpoint = "gemma3"  # or any Gemma 3 .gguf file / HF folder
   c.model.remat = True  # its 262k-vocabulary logits dominate memory
+  c.data.chat_template = "none"  # prompt + completion as plain text
   c.data.questions_per_class = 8  # 64 training questions
   c.data.eval_questions_per_class = 5  # 40 held-out questions
   c.data.max_new_tokens = 4  # a package name (and a newline)

@@ -146,6 +146,7 @@ def test_a_seed_of_the_table_on_a_tiny_gguf(tmp_path):
   config.model.checkpoint = str(gguf)
   config.model.task = "causal_lm"
   config.data.instruction = True
+  config.data.chat_template = "none"  # the base has none: plain text
   config.data.max_length = 16
   config.data.eval_generate = 4
   config.data.max_new_tokens = 3

@@ -40,6 +40,7 @@ def test_a_restored_run_predicts_what_the_run_generated(name, tmp_path):
   config.model.checkpoint = str(tiny_config.ROOT / "data" / "hf" / name)
   config.model.task = "causal_lm"
   config.data.instruction = True
+  config.data.chat_template = "none"  # the base has none: plain text
   config.data.max_length = 16
   config.data.eval_generate = 3
   config.data.max_new_tokens = 5

@@ -40,6 +40,7 @@ def language_model(tmp_path_factory):
   config.model.checkpoint = str(tiny_config.ROOT / "data/hf/llama_gqa")
   config.model.task = "causal_lm"
   config.data.instruction = True
+  config.data.chat_template = "none"  # the base has none: plain text
   config.data.max_length = 16
   config.train.steps = 4
   config.train.eval_every = 4

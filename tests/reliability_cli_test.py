@@ -51,6 +51,7 @@ def test_plain_text_rows_under_an_instruction_config_say_what_to_set(
     f"--config.model.checkpoint={LLAMA}",
     "--config.model.task=causal_lm",
     "--config.data.instruction=True",
+    "--config.data.chat_template=none",
     f"--workdir={tmp_path / 'run'}",
   )
   assert proc.returncode == 1, proc.stderr[-3000:]

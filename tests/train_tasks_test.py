@@ -131,6 +131,7 @@ def test_language_modelling_learns(tmp_path, instruction, packing):
   config.model.task = "causal_lm"
   config.data.packing = packing
   config.data.instruction = instruction
+  config.data.chat_template = "none"  # the base has none: plain text
   config.data.max_length = 16
   config.train.steps = 16
   config.train.eval_every = 8

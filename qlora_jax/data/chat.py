@@ -97,3 +97,29 @@ def render(
     ) from e
   except jinja2.TemplateError as e:
     raise TemplateError(f"the chat template failed to render: {e}") from e
+
+
+# Stands in for an assistant's text, to find what a template writes after it.
+_REPLY = "\x00reply\x00"
+
+
+def text_after_reply(
+  template: str,
+  special_tokens: Mapping[str, str] | None = None,
+  source: str = "chat template",
+) -> str:
+  """What the template writes after an assistant's text (the end of its
+  turn), from a rendering of [user, assistant]."""
+  text = render(
+    template,
+    [
+      {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": _REPLY},
+    ],
+    False,
+    special_tokens,
+    source,
+  )
+  if _REPLY not in text:
+    raise TemplateError(f"{source}: the assistant's text is not rendered as is")
+  return text[text.index(_REPLY) + len(_REPLY) :]

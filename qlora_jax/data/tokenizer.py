@@ -15,6 +15,7 @@ mask (`segment_ids`).
 """
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -76,6 +77,14 @@ class Tokenizer:
     self.template_source = template_source  # where errors say it is from
     self._affixes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
+  def with_chat_template(
+    self, chat_template: str | None, template_source: str
+  ) -> "Tokenizer":
+    """This tokenizer rendering chats with `chat_template` (None: none)."""
+    return Tokenizer(
+      self._tok, self.special, self.pad_fallback, chat_template, template_source
+    )
+
   @classmethod
   def from_file(
     cls, path: str | os.PathLike, pad_fallback: str = "eos"
@@ -133,6 +142,32 @@ class Tokenizer:
     return (
       self.special.eos if self.special.eos is not None else self.special.sep
     )
+
+  @functools.cached_property
+  def end_of_turn_id(self) -> int | None:
+    """The special token the chat template writes right after an
+    assistant's text (`<|im_end|>`, `<end_of_turn>`, `<|eot_id|>`), or
+    None (no template, or plain text there)."""
+    if self.chat_template is None:
+      return None
+    try:
+      after = chat.text_after_reply(
+        self.chat_template, self.token_strings(), self.template_source
+      )
+    except chat.TemplateError:
+      return None
+    ids = self._tok.encode(after, add_special_tokens=False).ids
+    added = self._tok.get_added_tokens_decoder()
+    if ids and ids[0] in added and after.startswith(added[ids[0]].content):
+      return ids[0]
+    return None
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """Ids that end a generated answer: the end token (EOS, else SEP) and
+    the chat template's end of turn."""
+    ids = [i for i in (self.end_id, self.end_of_turn_id) if i is not None]
+    return tuple(dict.fromkeys(ids))
 
   @property
   def num_special_tokens(self) -> int:

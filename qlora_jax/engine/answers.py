@@ -56,10 +56,10 @@ def make_prompts(
 
 
 def end_ids(tokenizer: data.Tokenizer, config) -> list[int]:
-  """Tokens that end an answer: the tokenizer's end token, else the
-  model's EOS ids."""
-  if tokenizer.end_id is not None:
-    return [tokenizer.end_id]
+  """Tokens that end an answer: the tokenizer's end token and its chat
+  template's end of turn, else the model's EOS ids."""
+  if tokenizer.stop_ids:
+    return list(tokenizer.stop_ids)
   return list(getattr(config, "eos_token_ids", ()))
 
 

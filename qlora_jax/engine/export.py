@@ -14,10 +14,12 @@ import re
 from typing import Any
 
 from qlora_jax import models
+from qlora_jax.data import chat_templates
 from qlora_jax.engine import outputs, setup
 from qlora_jax.engine.restore import read_settings, restore
 from qlora_jax.engine.settings import Settings
 from qlora_jax.interop import (
+  chat_template,
   gguf_convert,
   gguf_export,
   gguf_lora,
@@ -52,6 +54,15 @@ def is_export_file(name: str) -> bool:
   return name in EXPORT_FILES or bool(
     re.fullmatch(r"model-.*\.safetensors", name)
   )
+
+
+def _run_template(run) -> chat_template.RunTemplate | None:
+  """The template the run named (data.chat_template), which its exports
+  carry in place of the base's; None when it kept the base's."""
+  if run.settings.data.chat_template == chat_templates.OWN:
+    return None
+  tok = run.tokenizer
+  return chat_template.RunTemplate(tok.chat_template, tok.end_of_turn_id)
 
 
 def _writing(out, workdir, settings: Settings, overwrite: bool, **kw):
@@ -122,6 +133,7 @@ def export_merged(
       raw_config=raw,
       dtype=dtype,
       labels=run.labels,
+      template=_run_template(run),
     )
   return pathlib.Path(out)
 
@@ -216,7 +228,7 @@ def export_gguf(
     merged, _ = hf_export.merge(run.lm.variables, run.lm.plan, exact)
     names = naming.Names(run.spec, run.settings.model.scan_layers)
     tensors, _, _ = hf_export.merged_tensors(merged, names, "float32", False)
-    gguf_export.write_gguf(tmp, tensors, base, dtype)
+    gguf_export.write_gguf(tmp, tensors, base, dtype, _run_template(run))
   return pathlib.Path(out)
 
 

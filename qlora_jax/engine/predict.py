@@ -174,9 +174,10 @@ def complete(
   """The completion of each prompt (greedy when temperature is 0).
 
   Prompts are left-padded to the longest one; a completion ends at the
-  tokenizer's end token (EOS, else SEP; without either, the model's EOS)
-  or after `max_new_tokens`. A prompt longer than the model's context
-  leaves beside `max_new_tokens` keeps its last tokens (`prompt_fit`).
+  tokenizer's end token (EOS, else SEP) or its chat template's end of
+  turn (without either, the model's EOS) or after `max_new_tokens`. A
+  prompt longer than the model's context leaves beside `max_new_tokens`
+  keeps its last tokens (`prompt_fit`).
   """
   prompt_fit.check_options(max_new_tokens, temperature, top_k, top_p)
   if predictor.task != CAUSAL_LM:
@@ -196,8 +197,8 @@ def complete(
   for i, r in enumerate(rows):
     ids[i, width - len(r) :] = r
     mask[i, width - len(r) :] = 1
-  if tok.end_id is not None:
-    eos = [tok.end_id]
+  if tok.stop_ids:
+    eos = list(tok.stop_ids)
   else:
     eos = list(getattr(lm.config, "eos_token_ids", ()))
   rng = jax.random.key(seed)
@@ -253,7 +254,7 @@ def chat_reply(
   room, limit = prompt_fit.room(lm.config.max_positions, max_new_tokens)
   ids = tok.encode_offsets(tok.apply_chat_template(messages, True))[0]
   (ids,) = prompt_fit.fit([ids], room, "conversation", limit)
-  ends = [tok.end_id] if tok.end_id is not None else []
+  ends = list(tok.stop_ids)
   ends += list(getattr(lm.config, "eos_token_ids", ()))
   tokens, shown = [], ""
   for token in generation.stream(

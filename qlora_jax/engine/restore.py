@@ -91,7 +91,7 @@ def restore(workdir: str | pathlib.Path, step: int | None = None) -> Restored:
   state, meta = checkpoints.read(step)
   checkpoints.close()
   labels = meta.get("label_map")
-  opened = setup.open_base(settings.model)
+  opened = setup.open_base(settings.model, settings.data.chat_template)
   lm = setup.load_model(settings, opened, len(labels) if labels else None)
   trainable, frozen = setup.split_variables(settings, lm.variables)
   restored = state["params"]

@@ -114,6 +114,7 @@ class DataSettings:
   max_length: int
   packing: bool
   instruction: bool
+  chat_template: str
   text_split: str
   synthetic_examples: int
   synthetic_eval_examples: int
@@ -268,6 +269,7 @@ ADDED_FIELDS = {
   "eval.apply_chat_template": False,
   "eval.batch_size": 0,
   "eval.backend": "auto",
+  "data.chat_template": "",
 }
 # Sections added whole after runs were first recorded.
 ADDED_SECTIONS = ("dpo", "eval")

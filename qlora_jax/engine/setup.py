@@ -11,6 +11,7 @@ import numpy as np
 
 from qlora_jax import data, interop, models
 from qlora_jax import nn as qnn
+from qlora_jax.data import chat_templates
 from qlora_jax.engine import sharding
 from qlora_jax.engine.settings import CLASSIFICATION, DTYPES, Settings
 from qlora_jax.harness import evaluate
@@ -58,13 +59,19 @@ class Base:
     return self.tokenizer.chat_template if self.tokenizer else None
 
 
-def open_base(m) -> Base:
+def open_base(m, chat_template: str = chat_templates.OWN) -> Base:
   """The base of `model` settings `m`: its checkpoint resolved, its config
-  parsed and its tokenizer loaded, each once."""
+  parsed and its tokenizer loaded, each once; the tokenizer renders chats
+  with `chat_template` (`data.chat_template`, see `data.chat_templates`)."""
   if not m.checkpoint:
     return Base(None, models.from_dict(dict(m.hf_config)), None)
   path = resolve_checkpoint(m.checkpoint)
-  return Base(path, models.checkpoint_config(path), load_tokenizer(path))
+  tokenizer = load_tokenizer(path)
+  if tokenizer is not None:
+    tokenizer = chat_templates.resolve(
+      chat_template, tokenizer, "data.chat_template"
+    )
+  return Base(path, models.checkpoint_config(path), tokenizer)
 
 
 def load_tokenizer(path: pathlib.Path) -> data.Tokenizer | None:
@@ -285,6 +292,23 @@ def place_on(mesh) -> Callable:
   return place
 
 
+def _check_template(s: Settings, base: Base) -> None:
+  """Instruction data needs a chat template, or "none" said outright."""
+  d = s.data
+  if (
+    d.instruction
+    and base.tokenizer is not None
+    and base.chat_template is None
+    and d.chat_template != chat_templates.NONE
+  ):
+    raise ValueError(
+      f"data.chat_template: model.checkpoint {s.model.checkpoint!r} has no "
+      "chat template, and data.instruction is True: name one ("
+      f"{', '.join(sorted(chat_templates.BUILT_IN))} or a Jinja file), "
+      "or 'none' to join prompt and completion as they are"
+    )
+
+
 def _absolute(path: str) -> str:
   return str(pathlib.Path(path).expanduser().absolute()) if path else path
 
@@ -305,7 +329,16 @@ def check_run(s: Settings) -> tuple[Settings, Base]:
   checkpoint = m.checkpoint
   if checkpoint and checkpoint not in NAMED_CHECKPOINTS:
     checkpoint = _absolute(checkpoint)
-  base = open_base(dataclasses.replace(m, checkpoint=checkpoint))
+  template = d.chat_template
+  if chat_templates.is_file(template):
+    template = _absolute(template)
+    if not pathlib.Path(template).is_file():
+      raise ValueError(
+        f"data.chat_template: no file {template} (built in: "
+        f"{sorted(chat_templates.BUILT_IN)}, or 'none')"
+      )
+  base = open_base(dataclasses.replace(m, checkpoint=checkpoint), template)
+  _check_template(s, base)
   adapter = _absolute(m.adapter)
   if adapter and not (pathlib.Path(adapter) / "adapter_config.json").is_file():
     raise ValueError(
@@ -331,7 +364,7 @@ def check_run(s: Settings) -> tuple[Settings, Base]:
   s = dataclasses.replace(
     s,
     model=dataclasses.replace(m, checkpoint=checkpoint, adapter=adapter),
-    data=dataclasses.replace(d, **paths),
+    data=dataclasses.replace(d, chat_template=template, **paths),
     eval=dataclasses.replace(e, include_path=include),
   )
   learned = not isinstance(base.config, models.LlamaConfig)

@@ -102,8 +102,7 @@ class TextModel:
     eos_text = None
     if tok.eos_id is not None:
       eos_text = tok.decode([tok.eos_id], False)
-    end_ids = [tok.end_id] if tok.end_id is not None else []
-    end_ids = end_ids or list(self.end_ids)
+    end_ids = list(tok.stop_ids) or list(self.end_ids)
     groups: dict[requests.Generation, list[int]] = {}
     for k, (_, kwargs) in enumerate(pairs):
       settings = requests.generation(dict(kwargs), eos_text, self.max_gen_toks)

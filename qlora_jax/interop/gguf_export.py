@@ -37,6 +37,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGUFValueType
 from gguf.constants import GGMLQuantizationType as Q
 
 from qlora_jax import quant
+from qlora_jax.interop.chat_template import EOT_KEY, TEMPLATE_KEY, RunTemplate
 from qlora_jax.models import gguf_layout, gguf_q4_1, gguf_reader
 
 TYPES = {"float32": Q.F32, "float16": Q.F16, "bfloat16": Q.BF16, "q8_0": Q.Q8_0}
@@ -100,9 +101,13 @@ def _encode(value, qtype: Q, heads: int | None) -> np.ndarray:
   return np.ascontiguousarray(data)
 
 
-def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
+def _copy_metadata(
+  reader: gguf.GGUFReader,
+  writer: gguf.GGUFWriter,
+  skip: frozenset = frozenset(),
+) -> None:
   for key, field in reader.fields.items():
-    if key.startswith("GGUF.") or key in _NOT_COPIED:
+    if key.startswith("GGUF.") or key in _NOT_COPIED or key in skip:
       continue
     vtype = field.types[0]
     sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
@@ -114,9 +119,11 @@ def write_gguf(
   tensors: Mapping[str, "np.ndarray | RawTensor"],
   base: str | pathlib.Path,
   dtype: str = "float32",
+  template: RunTemplate | None = None,
 ) -> pathlib.Path:
   """Writes `tensors` (HF names) as the GGUF file `path`, with the metadata
-  of the GGUF file `base` (the model they were trained from).
+  of the GGUF file `base` (the model they were trained from); `template`,
+  the run's chat template, replaces the base's.
 
   Raises:
     ValueError: an unknown `dtype`, a tensor with no GGUF name or of a
@@ -161,7 +168,15 @@ def write_gguf(
   matrices = collections.Counter(k for _, v, k, _ in plan if len(v.shape) == 2)
   path = pathlib.Path(path)
   writer = gguf.GGUFWriter(str(path), arch)
-  _copy_metadata(gguf.GGUFReader(base), writer)
+  if template is None:
+    _copy_metadata(gguf.GGUFReader(base), writer)
+  else:
+    skip = frozenset({TEMPLATE_KEY, EOT_KEY})
+    _copy_metadata(gguf.GGUFReader(base), writer, skip)
+    if template.text is not None:
+      writer.add_chat_template(template.text)
+    if template.end_of_turn_id is not None:
+      writer.add_eot_token_id(template.end_of_turn_id)
   if matrices and matrices.most_common(1)[0][0] in FILE_TYPES:
     writer.add_file_type(FILE_TYPES[matrices.most_common(1)[0][0]])
   for name, value, kind, _ in plan:

@@ -27,6 +27,7 @@ from absl import logging
 from qlora_jax import models, quant
 from qlora_jax import nn as qnn
 from qlora_jax.interop import gguf_convert
+from qlora_jax.interop.chat_template import RunTemplate, write_to_folder
 from qlora_jax.interop.naming import FILE_DTYPES, Names, head_tensor
 from qlora_jax.models import prequantized
 from qlora_jax.models.safetensors_reader import SINGLE, Checkpoint
@@ -167,6 +168,7 @@ def write_merged(
   raw_config: Mapping[str, Any],
   dtype: str = "float32",
   labels: Mapping[str, int] | None = None,
+  template: RunTemplate | None = None,
 ) -> pathlib.Path:
   """Writes a merged model (the output of `merge`) as an HF folder.
 
@@ -181,6 +183,7 @@ def write_merged(
     raw_config: the base's config.json contents.
     dtype: "float32" or "bfloat16", for float tensors.
     labels: {label: id} of a classifier (id2label / label2id).
+    template: the run's chat template, in place of the base's.
   """
   if dtype not in MERGED_DTYPES:
     raise ValueError(f"dtype: {dtype!r} is not one of {list(MERGED_DTYPES)}")
@@ -205,6 +208,8 @@ def write_merged(
     for name in TOKENIZER_FILES:
       if (base / name).is_file():
         shutil.copyfile(base / name, out / name)
+  if template is not None:
+    write_to_folder(out, template)
   safetensors.numpy.save_file(
     tensors, str(out / SINGLE), metadata={"format": "pt"}
   )
