@@ -2,19 +2,21 @@
 tiny Gemma 3 with Gemma's turn tokens trains on conversations, its run
 records the template, predictions stop at `<end_of_turn>`, and its merged
 export carries the template; configs the template cannot serve are
-refused naming data.chat_template."""
+refused naming data.chat_template; turn tokens with near-zero embedding
+rows are named in a warning."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
 
 from qlora_jax.data import chat_templates
-from qlora_jax.engine import export, predict, setup, train
+from qlora_jax.engine import export, predict, setup, train, turn_tokens
 from qlora_jax.engine.settings import Settings
 from qlora_jax.models import generation
 from tests import tiny_config
-from tests.data_chat_templates_test import tiny_gemma_with_turns
+from tests.data_chat_templates_test import tiny_gemma_with_turns, with_tokens
 
 QUESTIONS = ["the of", "and to", "in is", "was for"]
 ANSWERS = ["that with as", "by at from", "it an be", "this are or"]
@@ -115,3 +117,24 @@ def test_a_template_the_base_cannot_write_is_refused(tmp_path):
     _check(_config(tmp_path, gemma, "x.jinja"))
   s, base = _check(_config(tmp_path, gemma, "gemma"))
   assert base.tokenizer.end_of_turn_id == 95
+
+
+def test_untrained_turn_tokens_are_named_in_a_warning(caplog):
+  tok = chat_templates.resolve(
+    "chatml",
+    with_tokens(["<|im_start|>", "<|im_end|>"]),
+    "data.chat_template",
+  )
+  rng = np.random.default_rng(0)
+  table = rng.normal(size=(tok.vocab_size, 8)).astype(np.float32)
+  table[tok.token_to_id("<|im_end|>")] = 1e-4  # as a base that never saw it
+  variables = {"base": {"model": {"embed_tokens": {"embedding": table}}}}
+  with caplog.at_level(logging.WARNING):
+    turn_tokens.warn_untrained(variables, tok, "chatml")
+  (record,) = caplog.records
+  assert "['<|im_end|>']" in record.getMessage()
+  assert "embed_tokens" in record.getMessage()
+  caplog.clear()
+  table[tok.token_to_id("<|im_end|>")] = table[4]  # trained
+  turn_tokens.warn_untrained(variables, tok, "chatml")
+  assert not caplog.records

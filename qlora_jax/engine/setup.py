@@ -12,7 +12,7 @@ import numpy as np
 from qlora_jax import data, interop, models
 from qlora_jax import nn as qnn
 from qlora_jax.data import chat_templates
-from qlora_jax.engine import sharding
+from qlora_jax.engine import sharding, turn_tokens
 from qlora_jax.engine.settings import CLASSIFICATION, DTYPES, Settings
 from qlora_jax.harness import evaluate
 
@@ -234,12 +234,21 @@ def load_model(
   random init)."""
   options = model_options(s, num_labels, place)
   if s.model.adapter:
-    return _load_with_adapter(s, base, options)
-  if base.path is not None:
-    return models.from_pretrained(
+    loaded = _load_with_adapter(s, base, options)
+  elif base.path is not None:
+    loaded = models.from_pretrained(
       base.path, options, config=base.config, with_tokenizer=False
     )
-  return models.init_random(base.config, options)
+  else:
+    return models.init_random(base.config, options)
+  trains_embedding = any(
+    re.search(p, "model/embed_tokens/embedding") for p in s.train_patterns()
+  )
+  if base.tokenizer is not None and not trains_embedding:
+    turn_tokens.warn_untrained(
+      loaded.variables, base.tokenizer, s.data.chat_template
+    )
+  return loaded
 
 
 def _load_with_adapter(s: Settings, base: Base, options: models.ModelOptions):
