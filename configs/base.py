@@ -59,7 +59,9 @@ def get_config() -> config_dict.ConfigDict:
   c.lora.qa = False  # QA-LoRA: needs quant.data_type "int<k>_asym"
 
   c.data = config_dict.ConfigDict()
-  # stdlib_docstrings | stdlib_questions | jsonl | text | synthetic
+  # stdlib_docstrings | stdlib_questions | assistant | jsonl | text |
+  # synthetic ("assistant": data.assistant's conversations, summaries and
+  # docstring questions)
   c.data.source = "jsonl"
   c.data.train_path = ""  # JSONL (or .txt for language modelling)
   c.data.eval_path = ""

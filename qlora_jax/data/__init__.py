@@ -21,6 +21,7 @@ from qlora_jax.data.arrays import (
   packed_lm_arrays,
   padded_lm_arrays,
 )
+from qlora_jax.data.assistant import write_assistant
 from qlora_jax.data.encoding import (
   ClassificationData,
   chat_document,
@@ -94,6 +95,7 @@ __all__ = [
   "read_lm_jsonl",
   "read_preference_jsonl",
   "read_text_file",
+  "write_assistant",
   "write_stdlib_docstrings",
   "write_stdlib_questions",
 ]

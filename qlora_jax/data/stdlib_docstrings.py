@@ -155,6 +155,21 @@ def build_splits(
   return splits[0], splits[1]
 
 
+def held_out_rows(stdlib: str | None = None) -> list[dict[str, str]]:
+  """Every eval-split paragraph (not balanced by class) as a row
+  `{"text", "label"}`, in text-hash order."""
+  stdlib = stdlib or stdlib_dir()
+  paragraphs = _unique(
+    p for package in PACKAGES for p in _package_paragraphs(stdlib, package)
+  )
+  rows = [
+    {"text": p.text, "label": p.label}
+    for p in paragraphs
+    if p.group < EVAL_FRACTION
+  ]
+  return sorted(rows, key=lambda row: _hash_hex(row["text"]))
+
+
 def package_files(stdlib: str, package: str) -> list[str]:
   """Sorted .py files of a package (outside test folders) or the module."""
   path = os.path.join(stdlib, package)

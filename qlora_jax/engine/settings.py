@@ -38,6 +38,7 @@ OBJECTIVES = ("sft", "dpo")
 DATA_SOURCES = (
   "stdlib_docstrings",
   "stdlib_questions",
+  "assistant",
   "jsonl",
   "text",
   "synthetic",
@@ -383,11 +384,11 @@ def _check(
       bad("data.eval_generate", "answers by generation need a causal_lm")
     if d.eval_generate and not d.instruction:
       bad("data.eval_generate", "needs instruction data (data.instruction)")
-    if d.source == "stdlib_questions":
+    if d.source in ("stdlib_questions", "assistant"):
       if not d.instruction:
-        bad("data.instruction", "data.source 'stdlib_questions' needs True")
+        bad("data.instruction", f"data.source {d.source!r} needs True")
       if m and m.task != CAUSAL_LM:
-        bad("data.source", "'stdlib_questions' is a causal_lm task")
+        bad("data.source", f"{d.source!r} is a causal_lm task")
     at_least("data.questions_per_class", d.questions_per_class, 1)
     at_least("data.eval_questions_per_class", d.eval_questions_per_class, 1)
   if t:

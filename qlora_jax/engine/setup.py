@@ -137,6 +137,8 @@ def make_data(s: Settings, tokenizer, workdir: pathlib.Path) -> RunData:
     train_path, eval_path = data.write_stdlib_questions(
       workdir / "data", d.questions_per_class, d.eval_questions_per_class
     )
+  elif d.source == "assistant":
+    train_path, eval_path = data.write_assistant(workdir / "data")
 
   def encode(path, drop_empty):
     examples = data.read_examples(path, kind, text_split=d.text_split)
