@@ -124,6 +124,29 @@ def get_config() -> config_dict.ConfigDict:
   c.dpo.loss = "sigmoid"  # sigmoid (DPO) | ipo
   c.dpo.label_smoothing = 0.0  # sigmoid only: conservative DPO's e
 
+  # train.objective "grpo": JSONL rows {"prompt" | "messages", ...} (or
+  # data.source "stdlib_questions"); train.batch_size prompts per
+  # generation batch, each answered group_size times. The loss is DAPO's
+  # token-level mean over every completion token of the batch (a long
+  # completion's tokens weigh as much as a short one's).
+  c.grpo = config_dict.ConfigDict()
+  c.grpo.group_size = 4  # G completions per prompt (>= 2)
+  c.grpo.temperature = 1.0  # sampling; log-probs are of logits / T too
+  c.grpo.top_p = 1.0
+  c.grpo.max_new_tokens = 16  # per completion; prompts get the rest
+  c.grpo.mu = 1  # optimizer steps per generation batch
+  c.grpo.epsilon = 0.2  # the ratio's clip: [1 - epsilon, 1 + epsilon]
+  c.grpo.epsilon_high = 0.0  # DAPO's upper clip; 0: epsilon
+  c.grpo.beta = 0.0  # KL to the adapters-off reference (k3), as DAPO
+  # Advantages (r - group mean) / (group std + 1e-4) as GRPO; False:
+  # r - group mean (Dr. GRPO).
+  c.grpo.scale_rewards = True
+  # exact | contains | regex (the row's answer_field is the target or the
+  # pattern) | "module:function" called as (prompt, completion, row).
+  c.grpo.reward = "exact"
+  c.grpo.answer_field = "answer"
+  c.grpo.pass_reward = 1.0  # held-out pass@1: a greedy reward >= this
+
   # lm-evaluation-harness tasks run on the model at each evaluation (and
   # before training) of a causal LM: their metrics go into metrics.jsonl
   # as "task/metric", the console table and the curves.

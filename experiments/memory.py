@@ -70,6 +70,11 @@ def main(argv):
   batch = f"batch {s.train.batch_size}"
   if s.train.objective == "dpo":  # a chosen and a rejected row per pair
     batch = f"DPO, batch {s.train.batch_size} pairs (2 sequences each)"
+  if s.train.objective == "grpo":  # G completions per prompt
+    batch = (
+      f"GRPO, batch {s.train.batch_size} prompts ({s.grpo.group_size} "
+      "completions each)"
+    )
   print(
     f"{s.model.checkpoint or config.model_type}: {base / 1e6:,.1f}M "
     f"parameters, {p.trainable_params / 1e6:,.2f}M trainable, {batch} x "

@@ -4,13 +4,8 @@ base model, bad pairs named by file:line, and a run that learns and
 resumes exactly after SIGKILL."""
 
 import json
-import os
 import pathlib
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +15,10 @@ import pytest
 from qlora_jax import data, models
 from qlora_jax import nn as qnn
 from qlora_jax.engine import dpo, losses, profiling, sharding, steps, train
-from qlora_jax.engine.checkpoint import Checkpoints
 from qlora_jax.engine.dpo_loss import DpoSettings
 from qlora_jax.engine.metrics import read_metrics
 from qlora_jax.engine.settings import ConfigError, Settings, recorded
-from tests import memory_test, tiny_dpo_config
+from tests import kill_resume, memory_test, tiny_dpo_config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 QUANT = {"data_type": "nf4", "block_size": 32, "double_quant": True}
@@ -200,7 +194,7 @@ SETTINGS_CASES = [
   ({"dpo.loss": "hinge"}, "dpo.loss: unknown value 'hinge'"),
   ({"dpo.loss": "ipo", "dpo.label_smoothing": 0.1}, "dpo.label_smoothing"),
   ({"dpo.label_smoothing": 0.5}, "dpo.label_smoothing: must be in [0, 0.5)"),
-  ({"train.objective": "grpo"}, "train.objective: unknown value 'grpo'"),
+  ({"train.objective": "ppo"}, "train.objective: unknown value 'ppo'"),
   (
     {"train.mode": "full", "quant.data_type": "none"},
     "train.objective: 'dpo' takes its reference from the base",
@@ -282,27 +276,8 @@ def test_a_dpo_run_prefers_the_chosen_answers(run_dir, tmp_path):
 
 
 def _run_cli(workdir, run_dir, *overrides, wait=True):
-  cmd = [
-    sys.executable,
-    "-m",
-    "experiments.train",
-    f"--config=tests/tiny_dpo_config.py:{run_dir}",
-    f"--workdir={workdir}",
-    *overrides,
-  ]
-  proc = subprocess.Popen(
-    cmd,
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
-  if not wait:
-    return proc
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out[-3000:]
-  return out
+  config = f"tests/tiny_dpo_config.py:{run_dir}"
+  return kill_resume.run_cli(config, workdir, *overrides, wait=wait)
 
 
 def test_sigkill_then_resume_is_bit_identical(run_dir, tmp_path):
@@ -316,16 +291,7 @@ def test_sigkill_then_resume_is_bit_identical(run_dir, tmp_path):
   _run_cli(straight, run_dir, *overrides)
   killed = tmp_path / "killed"
   proc = _run_cli(killed, run_dir, *overrides, wait=False)
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    done = [p for p in (killed / "checkpoints").glob("*") if p.name.isdigit()]
-    if any(int(p.name) >= 20 for p in done):
-      break
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
-  resumed_from = max(Checkpoints(killed, keep=2).all_steps())
+  resumed_from = kill_resume.kill_after_checkpoint(proc, killed, 20)
   assert 20 <= resumed_from < 60
   _run_cli(killed, run_dir, *overrides)
   a, b = _losses(straight), _losses(killed)

@@ -183,17 +183,22 @@ def show_summary(summary: Summary) -> None:
 
 
 def show_table_header(
-  resumed_from: int | None, answers: bool, columns: Sequence[str] = ()
+  resumed_from: int | None,
+  answers: bool,
+  columns: Sequence[str] = (),
+  grpo: bool = False,
 ) -> None:
   """The eval table's header, after where a resumed run picks up;
-  `columns` are the "task/metric" keys of the lm-eval tasks shown."""
+  `columns` are the "task/metric" keys of the lm-eval tasks shown. GRPO's
+  evaluation is of greedy completions: their reward, pass@1 and length."""
   if resumed_from is not None:
     say(f"resumed from     step {resumed_from}")
   extra = f" {'answer acc':>10}" if answers else ""
   extra += "".join(f" {c}" for c in columns)
-  say(
-    f"{'step':>10} {'train loss':>11} {'eval loss':>10} {'eval acc':>9}{extra}"
-  )
+  scores = f"{'eval loss':>10} {'eval acc':>9}"
+  if grpo:
+    scores = f"{'reward':>10} {'pass@1':>9} {'length':>7}"
+  say(f"{'step':>10} {'train loss':>11} {scores}{extra}")
 
 
 def eval_line(
@@ -216,10 +221,13 @@ def eval_line(
     extra += f" {m['perplexity']:>9.2f} ppl"
   if note:
     extra += f"  ({note})"
-  say(
-    f"{step:>5}/{total:<4} {train:>11} {m['loss']:>10.4f} "
-    f"{m['accuracy']:>9.4f}{extra}"
-  )
+  if "pass@1" in m:  # GRPO
+    scores = (
+      f"{m['reward']:>10.4f} {m['pass@1']:>9.4f} {m['completion_length']:>7.1f}"
+    )
+  else:
+    scores = f"{m['loss']:>10.4f} {m['accuracy']:>9.4f}"
+  say(f"{step:>5}/{total:<4} {train:>11} {scores}{extra}")
 
 
 def show_answers(prompts, said: list[str], shown: int) -> None:
@@ -256,18 +264,25 @@ class Progress:
         leave=False,
       )
 
-  def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+  def update(
+    self, step: int, loss: float, tokens_per_s: float, note: str = ""
+  ) -> None:
+    """`note`: more of the step after its loss (GRPO's mean reward)."""
     if not _main_process():
       return
+    note = f" {note}" if note else ""
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
-      self._bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s")
+      self._bar.set_postfix_str(
+        f"loss {loss:.4f}{note}, {tokens_per_s:,.0f} tok/s"
+      )
       return
     done = step - self.start
     elapsed = time.perf_counter() - self.t0
     eta = elapsed / max(done, 1) * (self.total - step)
     sys.stderr.write(
-      f"step {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s "
+      f"step {step}/{self.total} loss {loss:.4f}{note} "
+      f"{tokens_per_s:,.0f} tok/s "
       f"eta {eta:,.0f}s\n"
     )
     sys.stderr.flush()

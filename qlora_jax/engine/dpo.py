@@ -21,11 +21,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from qlora_jax import nn as qnn
-from qlora_jax.engine import losses
+from qlora_jax.engine import losses, steps
 from qlora_jax.engine.dpo_loss import DpoSettings, pair_terms
+from qlora_jax.engine.settings import CAUSAL_LM
 
 REFERENCE = "ref_logps"  # the batch field of the reference log-probs [B, 2]
 PAIR_FIELDS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
@@ -63,6 +63,10 @@ class Dpo:
       "margin": jnp.sum((chosen - rejected) * w),
     }
 
+  def batch_shapes(self, pairs: int, seq: int) -> dict:
+    """Abstract arrays of a step's batch of `pairs` pairs."""
+    return steps.batch_shapes(CAUSAL_LM, pairs, seq, pairs=True)
+
   def summarize(self, sums: dict[str, float]) -> dict[str, float]:
     """Means per pair: loss, reward accuracy (as "accuracy"), rewards and
     margin."""
@@ -74,47 +78,14 @@ class Dpo:
 
 def pair_logps(model, variables, batch, deterministic, rngs=None):
   """(log-probs, answer tokens), both [B, 2]: each answer's summed
-  log p(target) over its loss tokens, from [B, 2, L] fields. The head runs
-  over chunks of tokens (one [chunk, vocab] of logits at a time,
-  recomputed in the backward pass), as the language-modelling loss does."""
+  log p(target) over its loss tokens, from [B, 2, L] fields
+  (`losses.token_logps` over the 2B rows)."""
   pairs, length = batch["input_ids"].shape[:2], batch["input_ids"].shape[-1]
-
-  def rows(name):
-    return batch[name].reshape(-1, length)
-
-  hidden = model.apply(
-    variables,
-    rows("input_ids"),
-    segment_ids=rows("segment_ids"),
-    positions=rows("positions"),
-    deterministic=deterministic,
-    rngs=rngs,
-    return_hidden=True,
-  )
-  mask = rows("loss_mask").astype(jnp.float32)
-  n = mask.size
-  most = max(8, min(n, losses.LM_CHUNK_ELEMENTS // model.config.vocab_size))
-  chunk, chunks = losses.lm_chunks(n, most)
-  pad = chunks * chunk - n
-
-  def flat(x):
-    x = x.reshape(n, *x.shape[2:])
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(chunks, chunk, *x.shape[1:])
-
-  @jax.checkpoint
-  def one(_, xs):
-    h, t, m = xs
-    out = model.apply(
-      variables, None, hidden=h, deterministic=deterministic, rngs=rngs
-    )
-    return None, -optax.softmax_cross_entropy_with_integer_labels(out, t) * m
-
-  _, token = jax.lax.scan(
-    one, None, (flat(hidden), flat(rows("targets")), flat(mask))
-  )
-  token = token.reshape(-1)[:n].reshape(*pairs, length)
-  return token.sum(-1), mask.reshape(*pairs, length).sum(-1)
+  rows = {k: batch[k].reshape(-1, length) for k in PAIR_FIELDS}
+  token = losses.token_logps(model, variables, rows, deterministic, rngs)
+  token = token.reshape(*pairs, length)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return token.sum(-1), mask.sum(-1)
 
 
 def adapters_off(model):

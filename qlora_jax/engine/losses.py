@@ -206,3 +206,47 @@ def summarize(task: str, sums: dict[str, float]) -> dict[str, float]:
 def tokens_in(batch) -> int:
   """Real (non-padding) tokens of a host batch."""
   return int(np.count_nonzero(np.asarray(batch["segment_ids"])))
+
+
+def token_logps(
+  model, variables, rows, deterministic: bool, rngs=None, temperature=1.0
+):
+  """Per-token log p(target) [R, L] of [R, L] LM fields `rows`, of the
+  logits divided by `temperature`, zero off the loss tokens. The head runs
+  over chunks of tokens (one [chunk, vocab] of logits at a time,
+  recomputed in the backward pass), as the language-modelling loss does."""
+  shape = rows["input_ids"].shape
+  hidden = model.apply(
+    variables,
+    rows["input_ids"],
+    segment_ids=rows["segment_ids"],
+    positions=rows["positions"],
+    deterministic=deterministic,
+    rngs=rngs,
+    return_hidden=True,
+  )
+  mask = rows["loss_mask"].astype(jnp.float32)
+  n = mask.size
+  most = max(8, min(n, LM_CHUNK_ELEMENTS // model.config.vocab_size))
+  chunk, chunks = lm_chunks(n, most)
+  pad = chunks * chunk - n
+
+  def flat(x):
+    x = x.reshape(n, *x.shape[2:])
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(chunks, chunk, *x.shape[1:])
+
+  @jax.checkpoint
+  def one(_, xs):
+    h, t, m = xs
+    out = model.apply(
+      variables, None, hidden=h, deterministic=deterministic, rngs=rngs
+    )
+    if temperature != 1.0:
+      out = out / temperature
+    return None, -optax.softmax_cross_entropy_with_integer_labels(out, t) * m
+
+  _, token = jax.lax.scan(
+    one, None, (flat(hidden), flat(rows["targets"]), flat(mask))
+  )
+  return token.reshape(-1)[:n].reshape(shape)

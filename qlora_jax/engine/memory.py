@@ -352,7 +352,11 @@ def estimate_settings(
   micro-batches as the engine builds them; AdamW as `optim` makes it). A
   DPO step (train.objective "dpo") runs a chosen and a rejected sequence
   per pair: `rows_per_example` rows (its reference log-probs are computed
-  before training, two floats per pair)."""
+  before training, two floats per pair); a GRPO step runs grpo.group_size
+  completions per prompt, and its batch holds per-token log-probs of the
+  sampling policy (grpo.mu > 1) and of the reference (float32 [rows,
+  seq] each). Generation runs between steps, and its KV cache is gone
+  before a step starts."""
   data, fsdp = s.mesh.data, s.mesh.fsdp
   if fsdp == -1:
     fsdp = devices // max(1, data)
@@ -381,10 +385,16 @@ def estimate_settings(
   )
   if accum > 1:  # the micro-batches' gradients are summed in a buffer
     p = dataclasses.replace(p, gradients=2 * p.gradients)
+  if s.train.objective == "grpo":
+    rows = rows_per_example(s) * s.train.batch_size // (data * fsdp)
+    logps = (int(s.grpo.mu > 1) + 1) * rows * s.data.max_length * 4
+    p = dataclasses.replace(p, batch=p.batch + logps + 4 * rows)
   return p
 
 
 def rows_per_example(s) -> int:
   """Sequences a step runs per example of train.batch_size: 2 for DPO's
-  pairs, else 1."""
+  pairs, grpo.group_size for GRPO's groups, else 1."""
+  if s.train.objective == "grpo":
+    return s.grpo.group_size
   return 2 if s.train.objective == "dpo" else 1

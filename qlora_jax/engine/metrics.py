@@ -139,7 +139,10 @@ def plot_curves(records: list[dict], path: str | pathlib.Path) -> None:
   train = [r for r in records if r["kind"] == "train"]
   evals = [r for r in records if r["kind"] == "eval"]
   metric = next(
-    (k for k in ("accuracy", "perplexity") if evals and k in evals[0]), None
+    (
+      k for k in ("accuracy", "perplexity", "pass@1") if evals and k in evals[0]
+    ),
+    None,
   )
   tasks = sorted(
     {k for r in evals for k in r if "/" in k and "stderr" not in k}
@@ -149,7 +152,7 @@ def plot_curves(records: list[dict], path: str | pathlib.Path) -> None:
   axes = list(axes) if panels > 1 else [axes]
   ax = axes.pop(0)
   ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-  if evals:
+  if evals and "loss" in evals[0]:  # GRPO's evaluation has none
     ax.plot(
       [r["step"] for r in evals],
       [r["loss"] for r in evals],

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from qlora_jax import nn as qnn
 from qlora_jax.engine.dpo_loss import DpoSettings
+from qlora_jax.engine.grpo_loss import GrpoSettings
 from qlora_jax.engine.optim import OptSettings
 from qlora_jax.engine.typed_config import ConfigError, plain, read_section
 from qlora_jax.harness.evaluate import BACKENDS
@@ -33,8 +34,8 @@ CLASSIFICATION = "classification"
 CAUSAL_LM = "causal_lm"
 RUN_TASKS = (CLASSIFICATION, CAUSAL_LM)
 TRAIN_MODES = ("lora", "full")
-# train.objective: the loss a run minimizes ("grpo" is to come).
-OBJECTIVES = ("sft", "dpo")
+# train.objective: the loss a run minimizes.
+OBJECTIVES = ("sft", "dpo", "grpo")
 DATA_SOURCES = (
   "stdlib_docstrings",
   "stdlib_questions",
@@ -179,6 +180,7 @@ _SECTIONS = {
   "opt": OptSettings,
   "train": TrainSettings,
   "dpo": DpoSettings,
+  "grpo": GrpoSettings,
   "eval": EvalSettings,
   "mesh": MeshSettings,
   "distributed": DistributedSettings,
@@ -196,6 +198,7 @@ class Settings:
   opt: OptSettings
   train: TrainSettings
   dpo: DpoSettings
+  grpo: GrpoSettings
   eval: EvalSettings
   mesh: MeshSettings
   distributed: DistributedSettings
@@ -263,6 +266,18 @@ ADDED_FIELDS = {
   "dpo.beta": 0.1,
   "dpo.loss": "sigmoid",
   "dpo.label_smoothing": 0.0,
+  "grpo.group_size": 4,
+  "grpo.temperature": 1.0,
+  "grpo.top_p": 1.0,
+  "grpo.max_new_tokens": 16,
+  "grpo.mu": 1,
+  "grpo.epsilon": 0.2,
+  "grpo.epsilon_high": 0.0,
+  "grpo.beta": 0.0,
+  "grpo.scale_rewards": True,
+  "grpo.reward": "exact",
+  "grpo.answer_field": "answer",
+  "grpo.pass_reward": 1.0,
   "eval.tasks": [],
   "eval.include_path": "",
   "eval.num_fewshot": 0,
@@ -273,7 +288,7 @@ ADDED_FIELDS = {
   "data.chat_template": "",
 }
 # Sections added whole after runs were first recorded.
-ADDED_SECTIONS = ("dpo", "eval")
+ADDED_SECTIONS = ("dpo", "eval", "grpo")
 
 
 def recorded(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -417,6 +432,8 @@ def _check(
     choice("train.objective", t.objective, OBJECTIVES)
     if t.objective == "dpo":
       _check_dpo(sec, targets, bad)
+    if t.objective == "grpo":
+      _check_grpo(sec, targets, bad)
     if t.memory_check not in ("error", "warn", "off"):
       bad(
         "train.memory_check",
@@ -486,3 +503,61 @@ def _check_dpo(sec: dict[str, Any], targets: dict[str, Any], bad) -> None:
     bad("data.source", "train.objective 'dpo' reads pairs from 'jsonl' files")
   if d and d.packing:
     bad("data.packing", "train.objective 'dpo' scores one pair per row")
+
+
+def _check_grpo(sec: dict[str, Any], targets: dict[str, Any], bad) -> None:
+  """train.objective "grpo": a causal LM answering prompts (JSONL, or
+  the docstring questions) in one process; grpo.mu divides the step
+  counts, so that every checkpoint falls between generation batches."""
+  m, lo, d, t, g = (
+    sec.get(k) for k in ("model", "lora", "data", "train", "grpo")
+  )
+  if m and m.task != CAUSAL_LM:
+    bad("train.objective", "'grpo' needs model.task 'causal_lm'")
+  if d and d.source not in ("jsonl", "stdlib_questions"):
+    bad(
+      "data.source",
+      "train.objective 'grpo' reads prompts from 'jsonl' or "
+      f"'stdlib_questions', got {d.source!r}",
+    )
+  if d and d.packing:
+    bad("data.packing", "train.objective 'grpo' holds one completion per row")
+  if d and d.eval_generate:
+    bad(
+      "data.eval_generate",
+      "train.objective 'grpo' answers every eval prompt greedily for its "
+      "pass@1: set 0",
+    )
+  dist = sec.get("distributed")
+  if dist and dist.enabled:
+    bad("distributed.enabled", "train.objective 'grpo' runs in one process")
+  if not g:
+    return
+  if d and d.max_length <= g.max_new_tokens:
+    bad(
+      "data.max_length",
+      f"{d.max_length} leaves no room for a prompt before "
+      f"grpo.max_new_tokens={g.max_new_tokens} (a prompt and its completion "
+      "fill data.max_length + 1 tokens)",
+    )
+  if t:
+    for field in ("steps", "eval_every", "checkpoint_every"):
+      value = getattr(t, field)
+      if value > 0 and value % g.mu:
+        bad(
+          f"train.{field}",
+          f"{value} is not a multiple of grpo.mu ({g.mu}): checkpoints and "
+          "evaluations fall between generation batches",
+        )
+  reference = (
+    targets["lora_targets"] is not None
+    and (lo is None or lo.init in ("kaiming", "gaussian"))
+    and not (m and m.adapter)
+  )
+  if g.beta > 0 and not reference:
+    bad(
+      "grpo.beta",
+      "a KL needs the reference, the model with adapters off as it "
+      "starts: adapters that start at zero (lora.enabled, train.mode "
+      "'lora', lora.init kaiming or gaussian, no model.adapter); set 0",
+    )

@@ -11,8 +11,8 @@ import numpy as np
 
 from qlora_jax import data, interop, models
 from qlora_jax import nn as qnn
-from qlora_jax.data import chat_templates
-from qlora_jax.engine import sharding, turn_tokens
+from qlora_jax.data import chat_templates, prompts
+from qlora_jax.engine import grpo, sharding, turn_tokens
 from qlora_jax.engine.settings import CLASSIFICATION, DTYPES, Settings
 from qlora_jax.harness import evaluate
 
@@ -106,6 +106,7 @@ class RunData:
   label_map: data.LabelMap | None
   eval_texts: list[str]
   eval_examples: list = dataclasses.field(default_factory=list)
+  train_examples: list = dataclasses.field(default_factory=list)  # GRPO's
 
 
 def make_data(s: Settings, tokenizer, workdir: pathlib.Path) -> RunData:
@@ -131,6 +132,8 @@ def make_data(s: Settings, tokenizer, workdir: pathlib.Path) -> RunData:
     )
   if s.train.objective == "dpo":
     return _preference_pairs(s, tokenizer)
+  if s.train.objective == "grpo":
+    return _prompts(s, tokenizer, workdir)
   kind = "instruction" if d.instruction else "lm"
   train_path, eval_path = d.train_path, d.eval_path
   if d.source == "stdlib_questions":
@@ -171,6 +174,33 @@ def _preference_pairs(s: Settings, tokenizer) -> RunData:
     None,
     [e.messages[-1]["content"] for e in evals],
     [e.answered(e.chosen) for e in evals],
+  )
+
+
+def _prompts(s: Settings, tokenizer, workdir: pathlib.Path) -> RunData:
+  """GRPO: left-padded prompts of one width (`data.prompts`), the
+  examples keeping their rows for the reward."""
+  d, g = s.data, s.grpo
+  train_path, eval_path = d.train_path, d.eval_path
+  if d.source == "stdlib_questions":
+    train_path, eval_path = data.write_stdlib_questions(
+      workdir / "data", d.questions_per_class, d.eval_questions_per_class
+    )
+  width = grpo.prompt_width(d.max_length, g.max_new_tokens)
+  room = (
+    f"a prompt may take (data.max_length {d.max_length} + 1 - "
+    f"grpo.max_new_tokens {g.max_new_tokens})"
+  )
+  train = prompts.read_prompt_jsonl(train_path)
+  evals = prompts.read_prompt_jsonl(eval_path)
+  return RunData(
+    prompts.encode_prompts(train, tokenizer, width, room),
+    prompts.encode_prompts(evals, tokenizer, width, room),
+    tokenizer,
+    None,
+    [e.prompt for e in evals],
+    evals,
+    train,
   )
 
 

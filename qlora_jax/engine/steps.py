@@ -67,7 +67,7 @@ def train_step(
 
   `objective`: None for the task's own loss (SFT), or an object with
   `sums(model, params, frozen, batch, deterministic, rngs)` and
-  `sum_keys` (`dpo.Dpo`)."""
+  `sum_keys` (`dpo.Dpo`, `grpo.Grpo`)."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
   def grads_of(params, micro, index):
@@ -233,7 +233,7 @@ def abstract_step(
   alone: lowering for another platform, the memory model's tests and the
   benchmarks all compile this one (default optimizer: AdamW 1e-4;
   `objective` as `train_step` takes it: a DPO step's batch is `batch`
-  pairs)."""
+  pairs, a GRPO step's `batch` prompts of G completions)."""
   model = spec.build(opts)
   trainable, frozen = qnn.split_trainable(
     spec.abstract_variables(opts), train_patterns
@@ -251,5 +251,8 @@ def abstract_step(
     ),
     donate_argnums=(0,),
   )
-  shapes = batch_shapes(spec.task, batch, seq, pairs=objective is not None)
+  if objective is not None:  # its own fields: pairs (DPO), groups (GRPO)
+    shapes = objective.batch_shapes(batch, seq)
+  else:
+    shapes = batch_shapes(spec.task, batch, seq)
   return AbstractStep(fn, state, shapes, frozen, model, tx)

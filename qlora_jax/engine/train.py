@@ -31,6 +31,7 @@ from qlora_jax.engine import (
   memory_check,
   optim,
   profiling,
+  rollouts,
   setup,
   sharding,
   steps,
@@ -41,6 +42,7 @@ from qlora_jax.engine import (
 )
 from qlora_jax.engine.checkpoint import Checkpoints
 from qlora_jax.engine.metrics import MetricsWriter, plot_curves, read_metrics
+from qlora_jax.engine.rollouts import Rollouts
 from qlora_jax.engine.settings import CLASSIFICATION, Settings
 
 
@@ -82,9 +84,10 @@ class Loop:
   model: Any = None
   prompts: answers.Prompts | None = None
   plan_lines: list[str] = dataclasses.field(default_factory=list)
-  objective: Any = None  # steps.train_step's: None (SFT) or dpo.Dpo
+  objective: Any = None  # steps.train_step's: None (SFT), Dpo or Grpo
   task_eval: tasks.DuringTraining | None = None  # eval.tasks
   model_config: Any = None
+  rollouts: Rollouts | None = None  # GRPO's generation batches
 
   @property
   def task(self) -> str:
@@ -93,6 +96,8 @@ class Loop:
 
 def _schedule_numbers(s: Settings, steps_per_epoch: int) -> tuple[int, int]:
   t = s.train
+  if t.objective == "grpo":  # grpo.mu optimizer steps per batch of prompts
+    steps_per_epoch *= s.grpo.mu
   total = t.steps or t.epochs * steps_per_epoch
   eval_every = t.eval_every or steps_per_epoch
   return total, eval_every
@@ -118,6 +123,9 @@ def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Loop:
     run_data = dpo.with_reference_data(
       run_data, loaded.model, trainable, frozen, t.batch_size, mesh
     )
+  sampler = None
+  if t.objective == "grpo":
+    objective, sampler = rollouts.make(s, run_data, loaded.model, mesh)
   plan_file = workdir / "plan.txt"
   base = qnn.flatten(loaded.variables.get(qnn.BASE, {}))
   n_linear = sum(p[-1] == "weight" for p in base)
@@ -184,6 +192,7 @@ def _set_up(s: Settings, base: setup.Base, workdir: pathlib.Path) -> Loop:
     objective,
     task_eval,
     loaded.config,
+    rollouts=sampler,
   )
 
 
@@ -269,13 +278,18 @@ def _log_train(run, writer, step, loss, metrics, tok_s) -> None:
     step,
     {
       "loss": loss,
-      "accuracy": float(metrics["correct"]) / weight,
+      **(
+        {"accuracy": float(metrics["correct"]) / weight}
+        if "correct" in metrics
+        else {}
+      ),
       "grad_norm": float(metrics["grad_norm"]),
       "update_norm": float(metrics["update_norm"]),
       "param_norm": float(metrics["param_norm"]),
       "learning_rate": float(run.lr(step - 1)),
       "tokens_per_s": tok_s,
       "epoch": run.train_it.epoch,
+      **(run.rollouts.train_metrics(metrics) if run.rollouts else {}),
       **{  # DPO: mean rewards and margin per pair
         k: float(metrics[k]) / weight
         for k in ("chosen_reward", "rejected_reward", "margin")
@@ -335,7 +349,9 @@ def _train(
   checkpoints = Checkpoints(workdir, keep=s.train.keep_checkpoints)
   resumed, epoch_sums = _restore(run, checkpoints)
   columns = run.task_eval.columns() if run.task_eval else []
-  console.show_table_header(resumed, run.prompts is not None, columns)
+  console.show_table_header(
+    resumed, run.prompts is not None, columns, grpo=run.rollouts is not None
+  )
   meta_base = {
     "label_map": (
       run.run_data.label_map.to_dict() if run.run_data.label_map else None
@@ -349,7 +365,11 @@ def _train(
   ckpt_every = t.checkpoint_every or run.eval_every
   eval_metrics: dict[str, Any] = {}
   predictions: dict[str, list] = {}
-  before = run.prompts is not None or run.task_eval is not None
+  before = (
+    run.prompts is not None
+    or run.task_eval is not None
+    or run.rollouts is not None
+  )
   if before and resumed is None:  # before fine-tuning
     zero_shot, _ = evaluate(run)
     writer.write("eval", 0, zero_shot)
@@ -357,12 +377,20 @@ def _train(
       0, run.total_steps, None, zero_shot, columns, note="zero-shot baseline"
     )
     for key, value in zero_shot.items():
-      if key == "answer_accuracy" or "/" in key:
+      if key in ("answer_accuracy", "pass@1") or "/" in key:
         run.summary.numbers[f"zero_shot_{key}"] = value
   tick, tokens = time.perf_counter(), 0
   compiled, cost, step_times = None, {}, []
+  generated = None
   while step < run.total_steps:
-    host_batch = next(run.train_it)
+    t_batch = time.perf_counter()
+    if run.rollouts is not None:  # GRPO: sampled from the current policy
+      generated = run.rollouts.batch(
+        step, run.state.params, run.frozen, run.train_it
+      )
+      host_batch = generated.batch
+    else:
+      host_batch = next(run.train_it)
     tokens += losses.tokens_in(host_batch) * jax.process_count()
     batch = sharding.put_batch(run.mesh, host_batch)
     if compiled is None:
@@ -374,13 +402,18 @@ def _train(
     step += 1
     loss = _check_step(run, metrics, step, checkpoints)
     step_times.append(time.perf_counter() - t_step)
+    if generated is not None:
+      run.rollouts.timed(generated, time.perf_counter() - t_batch)
     epoch_sums["loss"] += float(metrics["loss"])
     epoch_sums["weight"] += float(metrics["weight"])
     last = step == run.total_steps
     if step % t.log_every == 0 or last:
       tok_s = tokens / max(time.perf_counter() - tick, 1e-9)
       _log_train(run, writer, step, loss, metrics, tok_s)
-      progress.update(step, loss, tok_s)
+      note = ""
+      if generated is not None:
+        note = f"reward {generated.metrics['reward']:.3f}"
+      progress.update(step, loss, tok_s, note)
       tick, tokens = time.perf_counter(), 0
     if step % run.eval_every == 0 or last:
       eval_metrics, predictions = evaluate(run)
@@ -410,6 +443,9 @@ def _train(
 
 def evaluate(run: Loop) -> tuple[dict[str, float], dict[str, list]]:
   """Exact metrics over every eval example, and per-example predictions."""
+  if run.rollouts is not None:  # GRPO: greedy completions, pass@1
+    metrics, predicted = run.rollouts.evaluate(run.state.params, run.frozen)
+    return _with_tasks(run, metrics), predicted
   it = data.EvalIterator(
     run.run_data.eval,
     run.settings.train.batch_size,
@@ -442,6 +478,11 @@ def evaluate(run: Loop) -> tuple[dict[str, float], dict[str, list]]:
     )
     metrics["answer_accuracy"] = acc
     predicted["answers"] = said
+  return _with_tasks(run, metrics), predicted
+
+
+def _with_tasks(run: Loop, metrics: dict[str, float]) -> dict[str, float]:
+  """`metrics` and those of the lm-eval tasks (eval.tasks), if any."""
   if run.task_eval is not None:
     metrics.update(
       run.task_eval(
@@ -452,7 +493,7 @@ def evaluate(run: Loop) -> tuple[dict[str, float], dict[str, list]]:
         run.run_data.tokenizer,
       )
     )
-  return metrics, predicted
+  return metrics
 
 
 def _global_rows(x: jax.Array) -> np.ndarray:
@@ -477,6 +518,8 @@ def _finish(run: Loop, eval_metrics, predictions) -> None:
       workdir / "final_metrics.json",
       json.dumps({**eval_metrics, **run.summary.numbers}, indent=2),
     )
+  if run.rollouts is not None and jax.process_index() == 0:
+    run.rollouts.write_predictions(workdir / "predictions.jsonl", predictions)
   shown = run.settings.train.show_predictions
   if classified and shown:
     console.show_predictions(run.run_data, predictions, shown)
