@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from qlora_jax import interop, models
 from qlora_jax.engine import export, restore, train
 from qlora_jax.interop import gguf_export, hf_export, naming
+from qlora_jax.interop.chat_template import EOT_KEY, TEMPLATE_KEY, RunTemplate
 from tests import tiny_config
 from tests.interop_helpers import randomize
 from tests.models_gguf_test import TEXTS, hf_tensors, write_gguf
@@ -185,3 +186,23 @@ def test_a_stopped_export_leaves_no_partial_file(
       export.export_gguf(run, target, overwrite=overwrite)
   assert out.read_bytes() == before
   assert [p.name for p in tmp_path.iterdir()] == ["merged.gguf"]
+
+
+def test_a_runs_chat_template_replaces_the_bases(base, tmp_path):
+  # data.chat_template named: the export carries it and its end of turn
+  # in place of the base's template; "none" (text None) carries none.
+  lm = models.from_pretrained(base)
+  tensors, _ = _merged(lm)
+  template = RunTemplate("{{ messages[0]['content'] }}<eot>", 7)
+  out = gguf_export.write_gguf(
+    tmp_path / "a.gguf", tensors, base, "float32", template
+  )
+  meta = dict(models.read_gguf(out).metadata)
+  assert meta[TEMPLATE_KEY] == template.text and meta[EOT_KEY] == 7
+  assert models.read_gguf(base).metadata[TEMPLATE_KEY] != template.text
+  none = RunTemplate(None)
+  out = gguf_export.write_gguf(
+    tmp_path / "b.gguf", tensors, base, "float32", none
+  )
+  meta = dict(models.read_gguf(out).metadata)
+  assert TEMPLATE_KEY not in meta and EOT_KEY not in meta
