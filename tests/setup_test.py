@@ -42,6 +42,7 @@ def test_main_job_setup_resolves_its_checkpoint_once(monkeypatch, tmp_path):
   _counted(monkeypatch, calls, pretrained, "gguf_tokenizer")
   c = default.get_config()
   c.model.checkpoint = str(LLAMA)
+  c.data.chat_template = "none"  # the tiny Llama has none
   c.data.questions_per_class = 1  # the data is not what is counted
   c.data.eval_questions_per_class = 1
   s, base = setup.check_run(Settings.from_config(c))
