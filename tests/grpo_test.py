@@ -5,19 +5,21 @@ exact resume after SIGKILL (sampling included), and each bad input named
 prompt longer than the context, a bad regex)."""
 
 import collections
+import dataclasses
 import json
 import logging
 import re
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from qlora_jax import data
+from qlora_jax import data, models
 from qlora_jax.data import prompts
-from qlora_jax.engine import rewards, setup, train
+from qlora_jax.engine import grpo, profiling, rewards, setup, steps, train
 from qlora_jax.engine.metrics import read_metrics
 from qlora_jax.engine.settings import ConfigError, Settings
-from tests import kill_resume, tiny_grpo_config
+from tests import kill_resume, memory_test, tiny_grpo_config
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +232,23 @@ def test_grpo_settings_are_checked_in_the_first_pass(
     return
   with pytest.raises(ConfigError, match=re.escape(message)):
     Settings.from_config(c)
+
+
+def test_memory_model_covers_a_grpo_step():
+  """XLA's compiled memory of the engine's GRPO step (QLoRA NF4 + DQ, r=8,
+  remat, scanned layers; mu 2 with a reference: old and reference
+  log-probs in the batch) within memory_test's 1.15x of the estimate for
+  prompts x G rows."""
+  config = memory_test._config(384, 3, 6, 2, 1024, 6000)
+  lora, q, base, patterns = memory_test._mode("qlora_nf4_dq")
+  spec = models.ModelSpec(config, "causal_lm")
+  plan = models.model_plan(spec, lora, q, True)
+  opts = models.Options(plan, jnp.float32, base, True, True)
+  settings = Settings.from_config(tiny_grpo_config.get_config()).grpo
+  objective = grpo.Grpo(dataclasses.replace(settings, group_size=3), True)
+  step = steps.abstract_step(
+    spec, opts, batch=2, seq=96, train_patterns=patterns, objective=objective
+  )
+  got = profiling.compiled_memory(step.compile())["total"]
+  p = memory_test._predict(config, "qlora_nf4_dq", 2 * 3, 96, True)
+  assert 1 / 1.15 <= got / p.total <= 1.15, (got, p)
