@@ -37,6 +37,7 @@ def get_config():
   c = default.get_config()
   c.train.eval_every = 32  # before training and at the end (32 steps)
   c.train.show_predictions = 0
+  c.eval.tasks = ()  # its committed results ran without lm-eval tasks
   return c
 
 
