@@ -36,7 +36,10 @@ def get_config():
   c.train.objective = "grpo"
   c.data.eval_generate = 0  # GRPO answers every eval question for pass@1
   c.eval.tasks = ()
-  c.data.max_length = 202  # the longest question (191 tokens) + 12 - 1
+  # Room for the longest question (191 tokens, held out) and 12 new
+  # tokens; training rows are as long as the longest training question
+  # (123) + 11.
+  c.data.max_length = 202
   c.grpo.group_size = 4
   c.grpo.temperature = 1.0
   c.grpo.max_new_tokens = 12
@@ -48,5 +51,6 @@ def get_config():
   c.train.epochs = 0
   c.train.steps = 16  # 64 of the 128 training questions
   c.train.eval_every = 8
+  c.train.log_every = 1
   c.opt.learning_rate = 2e-3
   return c

@@ -8,11 +8,11 @@ assistant's turn with the tokenizer's chat template and its generation
 prompt (the special prefix and the prompt's text without one), exactly as
 accuracy by generation renders eval prompts.
 
-Arrays: `prompt_ids` and `prompt_mask` [N, width], left-padded to one
-width so that every batch has one shape, and `index` [N], each row's
-place in the file. A prompt longer than the width is an error naming the
-file and line (it is not cut: the completion would answer another
-question).
+Arrays: `prompt_ids` and `prompt_mask` [N, width], left-padded to the
+longest prompt so that every batch has one shape, and `index` [N], each
+row's place in the file. A prompt longer than the room the context
+leaves is an error naming the file and line (it is not cut: the
+completion would answer another question).
 """
 
 import dataclasses
@@ -88,24 +88,29 @@ def prompt_ids(e: PromptExample, tokenizer: Tokenizer) -> list[int]:
 def encode_prompts(
   examples: Sequence[PromptExample],
   tokenizer: Tokenizer,
-  width: int,
+  limit: int,
   room: str,
 ) -> dict[str, np.ndarray]:
-  """Left-padded `prompt_ids` / `prompt_mask` [N, width] and `index` [N].
+  """Left-padded `prompt_ids` / `prompt_mask` [N, width] and `index` [N],
+  width the longest prompt's tokens.
 
   Raises:
-    ValueError: naming the file:line of a prompt longer than `width`,
-      with `room` (what sets the width) in the message.
+    ValueError: naming the file:line of a prompt longer than `limit`,
+      with `room` (what sets the limit) in the message.
   """
-  ids = np.full((len(examples), width), tokenizer.pad_id, np.int32)
-  mask = np.zeros((len(examples), width), np.int32)
-  for i, e in enumerate(examples):
+  rows = []
+  for e in examples:
     row = prompt_ids(e, tokenizer)
-    if len(row) > width:
+    if len(row) > limit:
       raise ValueError(
         f"{e.where}: the prompt takes {len(row)} tokens, more than the "
-        f"{width} {room}: shorten the prompt or raise data.max_length"
+        f"{limit} {room}: shorten the prompt or raise data.max_length"
       )
+    rows.append(row)
+  width = max(len(r) for r in rows)
+  ids = np.full((len(examples), width), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(examples), width), np.int32)
+  for i, row in enumerate(rows):
     ids[i, width - len(row) :] = row
     mask[i, width - len(row) :] = 1
   return {

@@ -11,11 +11,12 @@ the loss on the completion's tokens through its end token, and:
                         with mu 1 the step's own, gradient stopped (the
                         ratio is 1: the same forward pass, none extra)
   ref_logps   [B G, L]  the reference's (the model with adapters off,
-                        `dpo.adapters_off`), when the run has one
-A prompt and its completion fill data.max_length + 1 tokens: prompts are
-left-padded to data.max_length + 1 - grpo.max_new_tokens, so every
-batch, generation and step has one shape and compiles once. The losses
-are `grpo_loss`'s.
+                        `dpo.adapters_off`), when grpo.beta > 0
+A prompt may take data.max_length + 1 - grpo.max_new_tokens tokens (a
+prompt and its completion fill at most data.max_length + 1); the prompts
+of a split are left-padded to its longest, so every batch, generation
+and step has one shape and compiles once (rows of L = that width +
+max_new_tokens - 1). The losses are `grpo_loss`'s.
 """
 
 import dataclasses
@@ -33,8 +34,8 @@ ADVANTAGES, OLD, REFERENCE = "advantages", "old_logps", "ref_logps"
 
 
 def prompt_width(max_length: int, max_new_tokens: int) -> int:
-  """Tokens a prompt may take: rows of `max_length` inputs hold a prompt
-  and its completion (max_length + 1 tokens)."""
+  """Tokens a prompt may take: rows of at most `max_length` inputs hold a
+  prompt and its completion (max_length + 1 tokens)."""
   return max_length + 1 - max_new_tokens
 
 
@@ -44,8 +45,8 @@ class Grpo:
 
   Attributes:
     settings: the `grpo` section.
-    reference: whether batches carry the reference's log-probs (a run
-      with adapters that start at zero).
+    reference: whether batches carry the reference's log-probs (a KL,
+      grpo.beta > 0).
   """
 
   settings: GrpoSettings

@@ -354,9 +354,9 @@ def estimate_settings(
   per pair: `rows_per_example` rows (its reference log-probs are computed
   before training, two floats per pair); a GRPO step runs grpo.group_size
   completions per prompt, and its batch holds per-token log-probs of the
-  sampling policy (grpo.mu > 1) and of the reference (float32 [rows,
-  seq] each). Generation runs between steps, and its KV cache is gone
-  before a step starts."""
+  sampling policy (grpo.mu > 1) and of the reference (grpo.beta > 0),
+  float32 [rows, seq] each (seq: data.max_length, a bound). Generation
+  runs between steps, and its KV cache is gone before a step starts."""
   data, fsdp = s.mesh.data, s.mesh.fsdp
   if fsdp == -1:
     fsdp = devices // max(1, data)
@@ -387,7 +387,8 @@ def estimate_settings(
     p = dataclasses.replace(p, gradients=2 * p.gradients)
   if s.train.objective == "grpo":
     rows = rows_per_example(s) * s.train.batch_size // (data * fsdp)
-    logps = (int(s.grpo.mu > 1) + 1) * rows * s.data.max_length * 4
+    logps = (int(s.grpo.mu > 1) + int(s.grpo.beta > 0)) * rows
+    logps *= s.data.max_length * 4
     p = dataclasses.replace(p, batch=p.batch + logps + 4 * rows)
   return p
 

@@ -10,8 +10,9 @@ tag and the step folded in: a resumed run samples the same completions
 bit for bit. The completions are decoded up to their end token, scored
 by `grpo.reward` on the host, and turned into the step's batch
 (`grpo.sequences`, advantages normalized within each group); the
-sampling policy's log-probs (grpo.mu > 1) and the reference's are
-computed once per generation batch, each by one jitted forward pass.
+sampling policy's log-probs (grpo.mu > 1) and the reference's (grpo.beta
+> 0) are computed once per generation batch, each by one jitted forward
+pass.
 
 Evaluation answers every held-out prompt greedily (temperature 0, the
 same batching as `answers`): pass@1 is the share whose completion's
@@ -230,11 +231,7 @@ def make(s, run_data, model, mesh) -> tuple[grpo.Grpo, Rollouts]:
   reward = rewards.resolve(s.grpo.reward, s.grpo.answer_field)
   for examples in (run_data.train_examples, run_data.eval_examples):
     reward.check_rows([e.row for e in examples], [e.where for e in examples])
-  reference = (
-    s.lora_targets is not None
-    and s.lora.init in ("kaiming", "gaussian")
-    and not s.model.adapter
-  )
+  reference = s.grpo.beta > 0  # the settings check that there is one
   objective = grpo.Grpo(s.grpo, reference)
   return objective, Rollouts(
     s.grpo,

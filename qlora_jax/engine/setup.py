@@ -186,7 +186,7 @@ def _prompts(s: Settings, tokenizer, workdir: pathlib.Path) -> RunData:
     train_path, eval_path = data.write_stdlib_questions(
       workdir / "data", d.questions_per_class, d.eval_questions_per_class
     )
-  width = grpo.prompt_width(d.max_length, g.max_new_tokens)
+  limit = grpo.prompt_width(d.max_length, g.max_new_tokens)
   room = (
     f"a prompt may take (data.max_length {d.max_length} + 1 - "
     f"grpo.max_new_tokens {g.max_new_tokens})"
@@ -194,8 +194,8 @@ def _prompts(s: Settings, tokenizer, workdir: pathlib.Path) -> RunData:
   train = prompts.read_prompt_jsonl(train_path)
   evals = prompts.read_prompt_jsonl(eval_path)
   return RunData(
-    prompts.encode_prompts(train, tokenizer, width, room),
-    prompts.encode_prompts(evals, tokenizer, width, room),
+    prompts.encode_prompts(train, tokenizer, limit, room),
+    prompts.encode_prompts(evals, tokenizer, limit, room),
     tokenizer,
     None,
     [e.prompt for e in evals],
