@@ -19,6 +19,14 @@ from qlora_jax import data, models
 from qlora_jax.engine import profiling, setup
 
 NF4_DQ = {"data_type": "nf4", "block_size": 64, "double_quant": True}
+# The linear weights of a run: float (a GGUF's blocks dequantized), NF4 +
+# DQ, or a Q4_1 GGUF's codes and scales kept as stored (int4_asym, blocks
+# of 32: llama.cpp's own weights).
+WEIGHTS = {
+  "float": None,
+  "nf4": NF4_DQ,
+  "q4_1": {"data_type": "int4_asym", "block_size": 32, "double_quant": False},
+}
 
 
 def prompt_ids(tokenizer, batch: int, prompt_len: int, folder) -> np.ndarray:
@@ -48,7 +56,7 @@ def _median_seconds(fn, repeats: int) -> float:
 
 def decode_speed(
   checkpoint: str,
-  quantized: bool,
+  weights: str,
   batch: int,
   prompt_len: int,
   new_tokens: int,
@@ -57,7 +65,7 @@ def decode_speed(
 ) -> dict[str, Any]:
   """Time to first token and decode tokens/s of greedy generation."""
   path = setup.resolve_checkpoint(checkpoint)
-  lm = models.from_pretrained(path, quant=NF4_DQ if quantized else None)
+  lm = models.from_pretrained(path, quant=WEIGHTS[weights])
   tok = setup.load_tokenizer(path)
   ids = prompt_ids(tok, batch, prompt_len, folder)
   mask = np.ones_like(ids)
@@ -82,7 +90,7 @@ def decode_speed(
   decode = batch * (new_tokens - 1) / max(total - first, 1e-9)
   return {
     "impl": "qlora_jax",
-    "quantized": quantized,
+    "weights": weights,
     "batch": batch,
     "prompt_len": prompt_len,
     "new_tokens": new_tokens,
