@@ -18,7 +18,7 @@ from qlora_jax import data, models
 from qlora_jax.data import prompts
 from qlora_jax.engine import grpo, profiling, rewards, setup, steps, train
 from qlora_jax.engine.metrics import read_metrics
-from qlora_jax.engine.settings import ConfigError, Settings
+from qlora_jax.engine.settings import ConfigError, Settings, recorded
 from tests import kill_resume, memory_test, tiny_grpo_config
 
 
@@ -252,3 +252,13 @@ def test_memory_model_covers_a_grpo_step():
   got = profiling.compiled_memory(step.compile())["total"]
   p = memory_test._predict(config, "qlora_nf4_dq", 2 * 3, 96, True)
   assert 1 / 1.15 <= got / p.total <= 1.15, (got, p)
+
+
+def test_a_run_recorded_before_grpo_reads_with_its_defaults(data_dir):
+  old = Settings.from_config(tiny_grpo_config.get_config(str(data_dir)))
+  old = old.to_dict()
+  del old["grpo"]
+  old["train"]["objective"] = "sft"
+  s = Settings.from_config(recorded(old))
+  assert s.train.objective == "sft" and s.grpo.group_size == 4
+  assert s.grpo.beta == 0.0 and s.grpo.reward == "exact"
