@@ -7,6 +7,7 @@
   BatchIterator / EvalIterator        deterministic, resumable, multi-process
   write_stdlib_docstrings(folder)     the default classification task
   read_preference_jsonl / encode_preference   DPO pairs -> [N, 2, L] arrays
+  prompts.read_prompt_jsonl / encode_prompts  GRPO prompts -> left-padded ids
 
 Depends on numpy, `tokenizers` and the standard library only.
 
