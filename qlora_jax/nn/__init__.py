@@ -4,6 +4,7 @@ Flax modules and tree helpers that know nothing of any model; imports
 `qlora_jax.quant` only.
 """
 
+from qlora_jax.nn.cpu_matmul import matmul_q8_0
 from qlora_jax.nn.dense import BASE, PARAMS, QLoRADense, base_param, path_name
 from qlora_jax.nn.hash_dropout import Dropout, dropout
 from qlora_jax.nn.lora import INITS, LoraSpec, full_a, init_adapter
@@ -58,6 +59,7 @@ __all__ = [
   "flatten",
   "frozen_matmul",
   "init_adapter",
+  "matmul_q8_0",
   "full_a",
   "make_plan",
   "merge_adapters",

@@ -27,6 +27,10 @@ says why, a warning says so once, and the "auto" kernel stays with XLA.
 It is a forward kernel only: `nn.matmul` uses it for matmuls over at most
 `MAX_TOKENS` tokens that are not differentiated (decoding and short
 prompts); training and long prompts keep the XLA path.
+
+The same library holds a Q8_0 kernel (`cpu_kernel/q8_0.cc`,
+`matmul_q8_0`): int8 codes with a float16 scale per block of 32, GGML's
+layout for a decoding head, each weight d * q exact in float32.
 """
 
 import ctypes
@@ -48,6 +52,8 @@ from qlora_jax import quant
 from qlora_jax.quant.codebooks import get_data_type
 
 SOURCE = pathlib.Path(__file__).parent / "cpu_kernel" / "matmul4.cc"
+# Compiled together into one library.
+SOURCES = (SOURCE, SOURCE.with_name("q8_0.cc"))
 # Instruction sets a build can target: "native" (this CPU's best), and two
 # fixed ones for checking the other code paths on an AVX-512 machine.
 ISAS = {
@@ -142,7 +148,8 @@ def build(isa: str = "native") -> pathlib.Path:
     raise BuildError("no C++ compiler (g++ or $CXX) on PATH")
   flags = _flags(isa)
   key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), cxx, *flags, jaxlib.__version__):
+  sources = tuple(path.read_bytes() for path in SOURCES)
+  for part in (*sources, cxx, *flags, jaxlib.__version__):
     key.update(part if isinstance(part, bytes) else part.encode())
   lib = cache_dir() / f"matmul4_{isa}_{key.hexdigest()[:16]}.so"
   if _verified(lib):
@@ -155,7 +162,7 @@ def build(isa: str = "native") -> pathlib.Path:
   try:
     try:
       proc = subprocess.run(
-        [cxx, *flags, str(SOURCE), "-o", tmp],
+        [cxx, *flags, *map(str, SOURCES), "-o", tmp],
         capture_output=True,
         text=True,
         check=False,
@@ -164,7 +171,8 @@ def build(isa: str = "native") -> pathlib.Path:
       raise BuildError(f"running the C++ compiler {cxx!r} failed: {e}") from e
     if proc.returncode != 0:
       raise BuildError(
-        f"compiling {SOURCE.name} with {cxx} failed:\n{proc.stderr[-2000:]}"
+        f"compiling {', '.join(p.name for p in SOURCES)} with {cxx} "
+        f"failed:\n{proc.stderr[-2000:]}"
       )
     # The record first: a reader never pairs the new library with an old
     # record (at worst it compiles once more).
@@ -200,6 +208,16 @@ def target(isa: str = "native") -> str:
 
 
 @functools.cache
+def target_q8_0(isa: str = "native") -> str:
+  """The FFI target name of the Q8_0 kernel built for `isa`, registered
+  with XLA's CPU platform (built first if needed)."""
+  kernel = _symbol(isa, "QloraMatmulQ8_0")
+  name = f"qlora_matmul_q8_0_{isa}"
+  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(kernel), platform="cpu")
+  return name
+
+
+@functools.cache
 def isa_of(isa: str = "native") -> str:
   """The instruction set the build for `isa` uses: avx512, avx2, generic."""
   which = _symbol(isa, "qlora_matmul4_isa")
@@ -213,6 +231,7 @@ def unavailable() -> str | None:
   reason is also logged once, as a warning: 4-bit matmuls use XLA)."""
   try:
     target()
+    target_q8_0()
   except (BuildError, OSError) as e:
     logging.warning("the CPU kernel is unavailable, XLA runs instead: %s", e)
     return str(e)
@@ -268,3 +287,24 @@ def matmul(
     has_minimum=np.int64(has_min),
   )
   return y.reshape(*x.shape[:-1], out_f).astype(dtype)
+
+
+def matmul_q8_0(
+  x: jnp.ndarray, w: quant.Q8_0Tensor, isa: str = "native"
+) -> jnp.ndarray:
+  """x [..., in] @ dequantize_q8_0(w).T -> float32 [..., out], by the Q8_0
+  kernel (x is read in float32 and the products are summed in float32)."""
+  out_f, in_f = w.codes.shape
+  if x.shape[-1] != in_f or in_f % quant.q8_0.BLOCK:
+    raise ValueError(
+      f"matmul_q8_0: x {x.shape} against a Q8_0 weight {w.codes.shape}"
+    )
+  x2 = x.reshape(-1, in_f).astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(w.scales.astype(jnp.float16), jnp.uint16)
+  call = jax.ffi.ffi_call(
+    target_q8_0(isa),
+    jax.ShapeDtypeStruct((x2.shape[0], out_f), jnp.float32),
+    vmap_method="sequential",
+  )
+  y = call(x2, w.codes.astype(jnp.int8), bits)
+  return y.reshape(*x.shape[:-1], out_f)
