@@ -175,3 +175,49 @@ def test_a_seed_of_the_table_on_a_tiny_gguf(tmp_path):
   # A rerun finds every row done and trains nothing.
   again = merging.run_seed(config, tmp_path / "table", 0, say=said.append)
   assert again == out and len(said) == 6  # one line per row, the first time
+
+
+def test_best_table_picks_each_rows_best_value_by_the_mean(tmp_path):
+  from qlora_jax.ablations import tables  # noqa: PLC0415
+
+  # pass@1 by (method, learning rate) over 2 seeds; by hand: LoRA's best
+  # rate is 1e-3 (mean 0.55 against 0.45 and 0.1), full's 1e-4 (0.35).
+  grid = {
+    ("LoRA", 1e-4): (0.4, 0.5),
+    ("LoRA", 1e-3): (0.5, 0.6),
+    ("LoRA", 1e-2): (0.0, 0.2),
+    ("Full", 1e-5): (0.1, 0.1),
+    ("Full", 1e-4): (0.3, 0.4),
+  }
+  points = []
+  for (method, lr), values in grid.items():
+    for seed, v in enumerate(values):
+      d = tmp_path / f"{method}_{lr}_{seed}"
+      d.mkdir()
+      keys = {"method": method, "opt.learning_rate": lr, "train.seed": seed}
+      points.append(
+        {"dir": d, "keys": keys, "metrics": {"pass@1": v}, "error": None}
+      )
+  spec = {
+    "title": "t",
+    "rows": ["method", "opt.learning_rate"],
+    "metrics": [["pass@1", "pass@1 (%)", "pct"]],
+    "best": {
+      "over": "opt.learning_rate",
+      "metric": ["pass@1", "pass@1 (%)", "pct"],
+      "reference": "Full",
+    },
+  }
+  header, rows = tables.best_rows(spec, points)
+  assert header == [
+    "method",
+    "best learning_rate",
+    "pass@1 (%)",
+    "n",
+    "learning_rate / Full's",
+  ]
+  half = 12.706205 * math.sqrt(0.005) / math.sqrt(2)  # t(0.975, 1) s / √n
+  assert rows[0] == ["LoRA", "0.001", f"55.0 ± {100 * half:.1f}", "2", "10"]
+  assert rows[1][:2] == ["Full", "0.0001"] and rows[1][-1] == "1"
+  text = tables.markdown(spec, points)
+  assert "**Best opt.learning_rate of each row** (by the mean)" in text

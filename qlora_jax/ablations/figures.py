@@ -1,8 +1,9 @@
 """Figures of a sweep (matplotlib PNGs, byte-identical when re-made).
 
 Figure specs in a sweep's table.json:
-  {"kind": "curves", "file": ..., "metric": "loss"}: eval curves per row
-    (mean over seeds) from each point's metrics.jsonl;
+  {"kind": "curves", "file": ..., "metric": "loss", "records": "eval"}:
+    curves per row (mean over seeds) from each point's metrics.jsonl, of
+    its eval records or, with "records": "train", its training steps';
   {"kind": "xy", "file": ..., "x": key or metric, "y": metric,
    "series": key or [keys], "series_patterns": {key: regex}, "logx": bool,
    "logy": bool}: y against x (a config key such as "lora.rank" or a
@@ -34,13 +35,14 @@ def _label(group: dict) -> str:
 
 def curves(spec: dict, fig_spec: dict, points: list[dict], path) -> None:
   metric = fig_spec.get("metric", "loss")
+  kind = fig_spec.get("records", "eval")
   groups = results.group_points(points, list(spec["rows"]))
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for g in groups:
     runs = []
     for r in g["runs"]:
       records = read_metrics(r["dir"] / "metrics.jsonl")
-      evals = [x for x in records if x["kind"] == "eval" and metric in x]
+      evals = [x for x in records if x["kind"] == kind and metric in x]
       runs.append(([x["step"] for x in evals], [x[metric] for x in evals]))
     steps = runs[0][0]
     if any(s != steps for s, _ in runs) or not steps:
@@ -48,7 +50,7 @@ def curves(spec: dict, fig_spec: dict, points: list[dict], path) -> None:
     mean = np.mean([v for _, v in runs], axis=0)
     ax.plot(steps, mean, marker="o", markersize=3, label=_label(g))
   ax.set_xlabel("step")
-  ax.set_ylabel(f"eval {metric}")
+  ax.set_ylabel(f"{kind} {metric}")
   ax.set_title(spec["title"], fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()

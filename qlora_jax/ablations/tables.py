@@ -9,6 +9,11 @@ The layout comes from the sweep's `table.json` (a config's `get_table()`):
   metrics:  [key, header, format] with format one of pct, f3, f4, int,
             mib, bits, sci
   figures:  see qlora_jax/figures.py
+  best:     optional {"over": key, "metric": [key, header, format],
+            "reference": row label}: a second table with, for each row
+            without `over` (a learning rate, say), the value of `over`
+            whose mean metric is highest, that mean +- its interval, and
+            its ratio to the reference row's best value of `over`
 
 Points that differ only in `train.seed` are one row: the mean +- the
 half-width of its 95% Student t interval over seeds (`results.interval`;
@@ -105,6 +110,40 @@ def table_rows(
   return header, rows
 
 
+def best_rows(
+  spec: dict, points: list[dict]
+) -> tuple[list[str], list[list[str]]]:
+  """(header, rows) of the `best` table: per row label without the
+  `over` key, its best value of `over` by the mean of the metric."""
+  best = spec["best"]
+  over = best["over"]
+  key, name, fmt = best["metric"]
+  row_keys = [k for k in spec["rows"] if k != over]
+  chosen: dict[tuple, tuple[float, dict]] = {}
+  for g in group_points(points, list(spec["rows"])):
+    values = [r["metrics"][key] for r in g["runs"] if key in r["metrics"]]
+    if not values:
+      continue
+    label = tuple(show_value(g["keys"].get(k, "")) for k in row_keys)
+    mean = interval(values)[0]
+    if label not in chosen or mean > chosen[label][0]:
+      chosen[label] = (mean, g)
+  reference = chosen.get((best.get("reference", ""),))
+  short = over.split(".")[-1]
+  header = [k.split(".")[-1] for k in row_keys] + [f"best {short}", name, "n"]
+  if reference:
+    header.append(f"{short} / {best['reference']}'s")
+  rows = []
+  for label, (_, g) in chosen.items():
+    value = g["keys"].get(over)
+    row = [*label, show_value(value), cell(g, key, fmt), count(g)]
+    if reference:
+      ratio = float(value) / float(reference[1]["keys"][over])
+      row.append(f"{ratio:.3g}")
+    rows.append(row)
+  return header, rows
+
+
 def markdown(spec: dict, points: list[dict]) -> str:
   header, rows = table_rows(spec, points)
   groups = group_points(points, list(spec["rows"]))
@@ -131,6 +170,13 @@ def markdown(spec: dict, points: list[dict]) -> str:
   for p in failed:
     what = p["error"] or "not finished"
     lines.append(f"- not in the table: `{p['dir'].name}`: {what}")
+  if spec.get("best"):
+    header, rows = best_rows(spec, points)
+    over = spec["best"]["over"]
+    lines += ["", f"**Best {over} of each row** (by the mean)", ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
   return "\n".join(lines) + "\n"
 
 
