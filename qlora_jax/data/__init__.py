@@ -8,6 +8,7 @@
   write_stdlib_docstrings(folder)     the default classification task
   read_preference_jsonl / encode_preference   DPO pairs -> [N, 2, L] arrays
   prompts.read_prompt_jsonl / encode_prompts  GRPO prompts -> left-padded ids
+  arithmetic.splits / write / reward  Table 10's single-digit sums (GRPO)
 
 Depends on numpy, `tokenizers` and the standard library only.
 
