@@ -35,6 +35,8 @@ import tempfile
 # handed out last keeps one worker busy while the other idles, so the
 # session hands these out first and the short files fill in around them.
 LONG_FILES = (
+  "dpo_test.py",
+  "grpo_test.py",
   "train_tasks_test.py",
   "train_test.py",
   "models_smollm2_test.py",

@@ -8,10 +8,11 @@ through `harness.backend.JaxLM`: per-request log-likelihoods agree within
 are the metrics (perplexities within 1e-4, relative).
 
 `.venv-peers/bin/python -m pytest -s tests/harness_peers_test.py` on 2
-shared CPU cores, 2026-12-07, 3 documents a task: worst relative
-log-likelihood difference 7.7e-6 (0-shot), 8.0e-6 (3-shot), 1.3e-5 (chat
-template, 0-shot), 2.6e-5 (chat template, 3-shot); word perplexity 165.515
-(lm-eval's HFLM) against 165.521 (ours); about 30 minutes in all.
+shared CPU cores, 2026-12-07, 3 documents a task, the choices of a
+question scored over their shared context's KV cache: worst relative
+log-likelihood difference 7.7e-6 (0-shot), 8.1e-6 (3-shot), 1.1e-5 (chat
+template, 0-shot), 4.5e-5 (chat template, 3-shot); about 26 minutes in
+all beside other jobs.
 """
 
 import math
