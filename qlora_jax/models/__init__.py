@@ -22,6 +22,8 @@ from qlora_jax.models.config import (
   from_dict,
   read_config,
 )
+from qlora_jax.models.decode_heads import HEADS as DECODE_HEADS
+from qlora_jax.models.decode_heads import decode_head
 from qlora_jax.models.gemma3_file import gemma3_path
 from qlora_jax.models.generation import generate, select_tokens, stream
 from qlora_jax.models.gguf_reader import GGUFCheckpoint, gguf_config, read_gguf
@@ -49,6 +51,8 @@ from qlora_jax.models.safetensors_reader import CheckpointError
 from qlora_jax.models.smollm2 import smollm2_path
 
 __all__ = [
+  "DECODE_HEADS",
+  "decode_head",
   "gemma3_path",
   "smollm2_path",
   "read_gguf",

@@ -6,6 +6,10 @@ the mask (transformers' `cumsum(mask) - 1`). The prompt fills the cache in
 one step, then each step feeds one token per row. A row stops at its first
 end-of-sequence token and gets `pad_token_id` afterwards; the loop ends
 when every row has stopped or after `max_new_tokens`.
+
+`head` picks the head that turns hidden states into logits: the model's
+float head, or its Q8_0 copy read by the CPU kernel (`decode_head`; by
+default only where that copy holds the same weights).
 """
 
 import functools
@@ -18,6 +22,7 @@ import numpy as np
 
 from qlora_jax.models.attention import KVCache
 from qlora_jax.models.config import GPT2Config
+from qlora_jax.models.decode_heads import decode_head
 
 
 def select_tokens(
@@ -64,6 +69,7 @@ def generate(
   top_k: int = 0,
   top_p: float = 1.0,
   rng: jax.Array | None = None,
+  head: str = "auto",
 ) -> jnp.ndarray:
   """New tokens int32 [B, max_new_tokens] after left-padded prompts.
 
@@ -78,6 +84,8 @@ def generate(
     pad_token_id: fills a row after its end; default the config's, or 0.
     temperature, top_k, top_p: sampling (temperature 0: greedy).
     rng: PRNG key, needed when sampling.
+    head: "auto", "float" or "q8_0": the head of every decoded token and of
+      the prompt's last position (see `models.decode_head`).
   """
   c = model.config
   prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
@@ -122,6 +130,7 @@ def generate(
     prompt_ids,
     jnp.asarray(mask, jnp.int32),
     rng,
+    decode_head(head, model, variables),
     max_new_tokens=int(max_new_tokens),
     eos_ids=eos_ids,
     pad_id=int(pad_token_id),
@@ -149,6 +158,7 @@ def _generate(
   prompt_ids,
   mask,
   rng,
+  q8_head=None,
   *,
   max_new_tokens,
   eos_ids,
@@ -169,7 +179,7 @@ def _generate(
   )
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   logits, cache = _last_logits(
-    model, variables, prompt_ids, mask, positions, cache
+    model, variables, prompt_ids, mask, positions, cache, q8_head
   )
   eos = jnp.asarray(eos_ids, jnp.int32)
 
@@ -191,7 +201,12 @@ def _generate(
     step, out, done, token, pos, cache, rng = state
     ones = jnp.ones((batch, 1), jnp.int32)
     logits, cache = model.apply(
-      variables, token[:, None], ones, pos[:, None], cache=cache
+      variables,
+      token[:, None],
+      ones,
+      pos[:, None],
+      cache=cache,
+      decode_head=q8_head,
     )
     rng, sub = jax.random.split(rng)
     out, done, token = emit(out, done, logits, sub, step)
@@ -202,7 +217,7 @@ def _generate(
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cache_length"))
-def _prefill(model, variables, prompt_ids, cache_length):
+def _prefill(model, variables, prompt_ids, cache_length, q8_head=None):
   c = model.config
   batch, length = prompt_ids.shape
   cache = KVCache.zeros(
@@ -216,12 +231,12 @@ def _prefill(model, variables, prompt_ids, cache_length):
   mask = jnp.ones((batch, length), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
   logits, cache = _last_logits(
-    model, variables, prompt_ids, mask, positions, cache
+    model, variables, prompt_ids, mask, positions, cache, q8_head
   )
   return logits[:, -1], cache
 
 
-def _last_logits(model, variables, ids, mask, positions, cache):
+def _last_logits(model, variables, ids, mask, positions, cache, q8_head):
   """The prompt's pass through the blocks, filling the cache, and the head
   at its last position only: logits [B, 1, vocab] (the whole prompt's
   would be B x L x vocab floats, 3.6 GB for four 872-token prompts of a
@@ -229,14 +244,20 @@ def _last_logits(model, variables, ids, mask, positions, cache):
   hidden, cache = model.apply(
     variables, ids, mask, positions, cache=cache, return_hidden=True
   )
-  return model.apply(variables, None, hidden=hidden[:, -1:]), cache
+  last = hidden[:, -1:]
+  return model.apply(variables, None, hidden=last, decode_head=q8_head), cache
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _decode_step(model, variables, token, position, cache):
+def _decode_step(model, variables, token, position, cache, q8_head=None):
   ones = jnp.ones((token.shape[0], 1), jnp.int32)
   logits, cache = model.apply(
-    variables, token[:, None], ones, position[:, None], cache=cache
+    variables,
+    token[:, None],
+    ones,
+    position[:, None],
+    cache=cache,
+    decode_head=q8_head,
   )
   return logits[:, -1], cache
 
@@ -253,12 +274,14 @@ def stream(
   top_p: float = 1.0,
   rng: jax.Array | None = None,
   bucket: int = 256,
+  head: str = "auto",
 ):
   """Yields one prompt's new tokens one at a time (an interactive chat).
 
   The KV cache holds the prompt and `max_new_tokens`, rounded up to a
   multiple of `bucket` so that prompts of similar length share one
   compiled prefill. Stops after an end token (which is not yielded).
+  `head` as `generate`'s.
   """
   ids = jnp.asarray([list(prompt_ids)], jnp.int32)
   length = ids.shape[1]
@@ -272,7 +295,8 @@ def stream(
       f"{model.config.max_positions} learned positions"
     )
   rng = jax.random.key(0) if rng is None else rng
-  logits, cache = _prefill(model, variables, ids, cache_length)
+  q8_head = decode_head(head, model, variables)
+  logits, cache = _prefill(model, variables, ids, cache_length, q8_head)
   position = jnp.asarray([length], jnp.int32)
   for _ in range(max_new_tokens):
     rng, sub = jax.random.split(rng)
@@ -281,5 +305,7 @@ def stream(
     if value in eos_token_id:
       return
     yield value
-    logits, cache = _decode_step(model, variables, token, position, cache)
+    logits, cache = _decode_step(
+      model, variables, token, position, cache, q8_head
+    )
     position = position + 1

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from qlora_jax import nn as qnn
+from qlora_jax import quant
 from qlora_jax.models.activations import activation
 from qlora_jax.models.attention import (
   KVCache,
@@ -119,6 +120,8 @@ class GPT2LMHeadModel(nn.Module):
 
   config: GPT2Config
   opts: Options = Options()
+  # Where a tied head's table lies in the "base" collection.
+  TIED_HEAD = ("transformer", "wte", "embedding")
 
   @nn.compact
   def __call__(
@@ -131,14 +134,17 @@ class GPT2LMHeadModel(nn.Module):
     *,
     hidden=None,
     return_hidden: bool = False,
+    decode_head: quant.Q8_0Tensor | None = None,
   ):
     """Logits; or the final hidden states (`return_hidden`, with the cache
     when given one); or, given
     `hidden` [..., hidden_size], the head's logits of those (chunked
-    losses over large vocabularies apply the head to slices of tokens)."""
+    losses over large vocabularies apply the head to slices of tokens).
+    `decode_head`, a Q8_0 copy of the head weight (`models.decode_head`),
+    replaces the head's matmul (decoding only)."""
     c, o = self.config, self.opts
     if hidden is not None:
-      return self._head(hidden, deterministic)
+      return self._head(hidden, deterministic, decode_head)
     segment_ids, positions = default_inputs(
       input_ids, segment_ids, positions, c.max_positions
     )
@@ -146,13 +152,17 @@ class GPT2LMHeadModel(nn.Module):
     x, cache = model(input_ids, segment_ids, positions, deterministic, cache)
     if return_hidden:
       return x if cache is None else (x, cache)
-    logits = self._head(x, deterministic)
+    logits = self._head(x, deterministic, decode_head)
     return logits if cache is None else (logits, cache)
 
-  def _head(self, x, deterministic: bool):
+  def _head(self, x, deterministic: bool, decode_head=None):
     c, o = self.config, self.opts
-    if c.tie_word_embeddings:
-      table = self.variables["base"]["transformer"]["wte"]["embedding"]
+    if decode_head is not None:
+      logits = qnn.matmul_q8_0(x, decode_head)
+    elif c.tie_word_embeddings:
+      table = self.variables["base"]
+      for key in self.TIED_HEAD:
+        table = table[key]
       logits = qnn.frozen_matmul(x, table, o.dtype)  # upcast in chunks
     else:
       logits = dense(o, c.vocab_size, False, "lm_head")(x, deterministic)

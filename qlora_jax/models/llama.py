@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qlora_jax import nn as qnn
+from qlora_jax import quant
 from qlora_jax.models import rope
 from qlora_jax.models.activations import activation, gated
 from qlora_jax.models.attention import (
@@ -188,6 +189,8 @@ class LlamaForCausalLM(nn.Module):
 
   config: LlamaConfig
   opts: Options = Options()
+  # Where a tied head's table lies in the "base" collection.
+  TIED_HEAD = ("model", "embed_tokens", "embedding")
 
   @nn.compact
   def __call__(
@@ -200,26 +203,33 @@ class LlamaForCausalLM(nn.Module):
     *,
     hidden=None,
     return_hidden: bool = False,
+    decode_head: quant.Q8_0Tensor | None = None,
   ):
     """Logits; or the final hidden states (`return_hidden`, with the cache
     when given one); or, given
     `hidden` [..., hidden_size], the head's logits of those (chunked
-    losses over large vocabularies apply the head to slices of tokens)."""
+    losses over large vocabularies apply the head to slices of tokens).
+    `decode_head`, a Q8_0 copy of the head weight (`models.decode_head`),
+    replaces the head's matmul (decoding only)."""
     c, o = self.config, self.opts
     if hidden is not None:
-      return self._head(hidden, deterministic)
+      return self._head(hidden, deterministic, decode_head)
     segment_ids, positions = default_inputs(input_ids, segment_ids, positions)
     model = LlamaModel(c, o, name="model")
     x, cache = model(input_ids, segment_ids, positions, deterministic, cache)
     if return_hidden:
       return x if cache is None else (x, cache)
-    logits = self._head(x, deterministic)
+    logits = self._head(x, deterministic, decode_head)
     return logits if cache is None else (logits, cache)
 
-  def _head(self, x, deterministic: bool):
+  def _head(self, x, deterministic: bool, decode_head=None):
     c, o = self.config, self.opts
-    if c.tie_word_embeddings:
-      table = self.variables["base"]["model"]["embed_tokens"]["embedding"]
+    if decode_head is not None:
+      logits = qnn.matmul_q8_0(x, decode_head)
+    elif c.tie_word_embeddings:
+      table = self.variables["base"]
+      for key in self.TIED_HEAD:
+        table = table[key]
       logits = qnn.frozen_matmul(x, table, o.dtype)  # upcast in chunks
     else:
       logits = dense(o, c.vocab_size, False, "lm_head")(x, deterministic)
