@@ -267,7 +267,8 @@ def test_instruction_tuning_answers_by_generation(tmp_path):
 
 def test_main_job_shrunk_instruction_tunes_smollm2(tmp_path, capsys):
   # configs/default.py (the real SmolLM2 GGUF in NF4 + DQ, LoRA on all 210
-  # linear layers) for 2 steps on 16 questions, 8 answered by generation.
+  # linear layers) for 2 steps on 16 questions, 8 answered by generation;
+  # its lm-eval task on 2 of its 80 questions (16 requests, not 640).
   from configs import default  # noqa: PLC0415
 
   config = default.get_config()
@@ -276,6 +277,7 @@ def test_main_job_shrunk_instruction_tunes_smollm2(tmp_path, capsys):
   config.data.eval_generate = 8
   config.train.steps = 2
   config.train.eval_every = 2
+  config.eval.limit = 2
   final = train.train_and_evaluate(config, str(tmp_path))
   out = capsys.readouterr().out
   assert (
@@ -287,6 +289,9 @@ def test_main_job_shrunk_instruction_tunes_smollm2(tmp_path, capsys):
     r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "eval"
   ]
   assert [r["step"] for r in evals] == [0, 2]  # zero-shot, then tuned
+  for r in evals:  # 0, 1/2 or 1: the share of 2 questions answered right
+    assert r["stdlib_docstring_mc/acc"] in (0.0, 0.5, 1.0), r
+  assert final["stdlib_docstring_mc/acc"] == evals[1]["stdlib_docstring_mc/acc"]
   # Two steps on the answers alone already lower the eval loss on them.
   assert evals[1]["loss"] < evals[0]["loss"]
   rows = [
