@@ -56,10 +56,14 @@ def _run_cli(workdir, data_dir, *overrides, env=None, wait=True):
 
 @pytest.fixture(scope="module")
 def one_device_run(data_dir, tmp_path_factory):
-  """The reference: the tiny run on one CPU device, through the CLI."""
+  """The tiny run on one CPU device, in this process: (workdir, final
+  metrics). The reference of the runs on eight devices and two processes."""
   workdir = tmp_path_factory.mktemp("one")
-  _run_cli(workdir, data_dir, "--config.mesh.data=1", "--config.mesh.fsdp=1")
-  return workdir
+  config = tiny_config.get_config(str(data_dir))
+  config.mesh.data = 1
+  config.mesh.fsdp = 1
+  final = train.train_and_evaluate(config, str(workdir))
+  return workdir, final
 
 
 def _losses(workdir, kind="train"):
@@ -70,9 +74,8 @@ def _losses(workdir, kind="train"):
   }
 
 
-def test_run_trains_adapters_only_and_writes_everything(data_dir, tmp_path):
-  config = tiny_config.get_config(str(data_dir))
-  final = train.train_and_evaluate(config, str(tmp_path))
+def test_run_trains_adapters_only_and_writes_everything(one_device_run):
+  workdir, final = one_device_run
   for name in (
     "config.json",
     "labels.json",
@@ -81,22 +84,22 @@ def test_run_trains_adapters_only_and_writes_everything(data_dir, tmp_path):
     "predictions.jsonl",
     "final_metrics.json",
   ):
-    assert (tmp_path / name).is_file(), name
-  assert list((tmp_path / "tensorboard").iterdir())
-  evals = _losses(tmp_path, "eval")
+    assert (workdir / name).is_file(), name
+  assert list((workdir / "tensorboard").iterdir())
+  evals = _losses(workdir, "eval")
   assert sorted(evals) == [6, 12]
   # The task is learnable: the loss falls below log(2) = 0.693 (chance).
   assert evals[12]["loss"] < 0.6 and final["loss"] == evals[12]["loss"]
   assert final["accuracy"] == evals[12]["accuracy"]
   predictions = [
     json.loads(line)
-    for line in (tmp_path / "predictions.jsonl").read_text().splitlines()
+    for line in (workdir / "predictions.jsonl").read_text().splitlines()
   ]
   assert len(predictions) == 16
   right = sum(p["label"] == p["predicted"] for p in predictions)
   assert right / 16 == pytest.approx(final["accuracy"])
   # The checkpoint holds adapters and the new head only, never the base.
-  ckpt = Checkpoints(tmp_path, keep=2)
+  ckpt = Checkpoints(workdir, keep=2)
   assert ckpt.all_steps() == [6, 12]
   restored, meta = ckpt.read(12)
   assert meta["step"] == 12 and meta["label_map"] == {"first": 0, "second": 1}
@@ -115,8 +118,8 @@ def test_run_trains_adapters_only_and_writes_everything(data_dir, tmp_path):
 
 def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
   overrides = [
-    "--config.train.steps=150",
-    "--config.train.eval_every=50",
+    "--config.train.steps=60",
+    "--config.train.eval_every=30",
     "--config.train.checkpoint_every=10",
     "--config.train.keep_checkpoints=20",
   ]
@@ -135,10 +138,10 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
   proc.communicate()
   assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
   resumed_from = max(Checkpoints(killed, keep=2).all_steps())
-  assert 20 <= resumed_from < 150
+  assert 20 <= resumed_from < 60
   _run_cli(killed, data_dir, *overrides)
   a, b = _losses(straight), _losses(killed)
-  assert sorted(a) == sorted(b) == list(range(1, 151))
+  assert sorted(a) == sorted(b) == list(range(1, 61))
   for step in a:
     assert a[step]["loss"] == b[step]["loss"], step
     assert a[step]["grad_norm"] == b[step]["grad_norm"], step
@@ -147,7 +150,7 @@ def test_sigkill_then_resume_is_bit_identical(data_dir, tmp_path):
 
 
 def test_eight_devices_match_one(data_dir, tmp_path, one_device_run):
-  one = one_device_run
+  one, _ = one_device_run
   eight = tmp_path / "eight"
   _run_cli(
     eight,
@@ -170,7 +173,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one(data_dir, tmp_path, one_device_run):
-  one = one_device_run
+  one, _ = one_device_run
   two = tmp_path / "two"
   port = _free_port()
   procs = [
