@@ -76,14 +76,17 @@ def test_longest_first_ties_broken_by_ids():
   assert requests.longest_first(rows) == [3, 2, 1, 0]
 
 
-def test_buckets_are_powers_of_two_up_to_the_maximum():
-  assert [requests.bucket(n, 300) for n in (1, 32, 33, 100, 257, 300)] == [
-    32,
-    32,
-    64,
-    128,
-    300,
-    300,
+def test_buckets_are_powers_of_two_and_midpoints_up_to_the_maximum():
+  lengths = (1, 32, 33, 48, 49, 64, 65, 96, 100, 193, 257, 300)
+  want = [32, 32, 48, 48, 64, 64, 96, 96, 128, 256, 300, 300]
+  assert [requests.bucket(n, 300) for n in lengths] == want
+  # Scored positions (smallest 1): powers of two below 64.
+  assert [requests.bucket(n, 300, 1) for n in (1, 2, 3, 5, 40)] == [
+    1,
+    2,
+    4,
+    8,
+    48,
   ]
   with pytest.raises(ValueError, match="exceeds"):
     requests.bucket(301, 300)

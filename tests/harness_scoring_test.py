@@ -91,9 +91,10 @@ def test_generation_equals_unpadded_greedy_generation():
 @pytest.mark.parametrize("name", ["llama_gqa", "gemma3_text", "gpt2"])
 def test_rows_sharing_a_context_score_as_whole_rows(name):
   # Three contexts (7, 30 and 12 tokens) with 3 to 5 continuations of 1 to
-  # 4 tokens each, and one row alone: the shared rows run their context
-  # once through the KV cache and must score as the whole rows do (float32
-  # against the float64 reference: 1e-5 relative).
+  # 4 tokens each, one with five one-token answers, and one row alone: the
+  # shared rows run their context once through the KV cache and must score
+  # as the whole rows do (float32 against the float64 reference: 1e-5
+  # relative).
   lm, model = _model(name)
   rng = np.random.default_rng(1)
   rows = []
@@ -102,6 +103,13 @@ def test_rows_sharing_a_context_score_as_whole_rows(name):
     for _ in range(choices):
       cont = [int(t) for t in rng.integers(1, 90, rng.integers(1, 5))]
       rows.append(requests.scored_row(context, cont, 64))
+  # A question whose five answers are one token each, one of them the
+  # greedy token: they share one suffix row, each reading its own target.
+  context = [int(t) for t in rng.integers(1, 90, 14)]
+  last = lm.model.apply(lm.variables, np.asarray([context], np.int32))
+  top = int(np.asarray(last)[0, -1].argmax())
+  for t in (top, *sorted({5, 17, 33, 61, 77} - {top})[:4]):
+    rows.append(requests.scored_row(context, [t], 64))
   rows.append(requests.scored_row([3, 4, 5], [6, 7], 64))
   ref = _reference(lm, rows)
   # Make one continuation greedy, so is_greedy is checked both ways.
@@ -115,3 +123,4 @@ def test_rows_sharing_a_context_score_as_whole_rows(name):
     np.testing.assert_allclose(logp, want, rtol=1e-5)
     assert greedy == want_greedy
   assert got[0][1]
+  assert [g for _, g in got[-6:-1]] == [True] + [False] * 4

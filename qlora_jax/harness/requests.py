@@ -102,13 +102,17 @@ def longest_first(rows: Sequence[Sequence[int]]) -> list[int]:
 
 
 def bucket(length: int, max_length: int, smallest: int = 32) -> int:
-  """The padded length of a row: the next power of two from `smallest`,
-  at most `max_length` (itself a bucket)."""
+  """The padded length of a row: the next power of two from `smallest`, or
+  from 64 up the midpoint below it (48, 96, 192, ...: 3/4 of it), so that
+  padding is at most a third of a padded row, not a half, at two programs
+  per octave; at most `max_length` (itself a bucket)."""
   if length > max_length:
     raise ValueError(f"a row of {length} tokens exceeds {max_length}")
   size = smallest
   while size < length:
     size *= 2
+  if size >= 64 and length <= size * 3 // 4 and size * 3 // 4 >= smallest:
+    size = size * 3 // 4
   return min(size, max_length)
 
 

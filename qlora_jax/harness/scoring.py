@@ -12,8 +12,11 @@ in chunks of positions so that a batch never holds [B, L, vocab] logits.
 Rows that share everything but their scored positions (the choices of a
 multiple-choice question: one context, several continuations) run the
 shared prefix once: it fills a KV cache, which each row's scored
-positions then extend (`_shared_scores`). The log-probabilities are the
-same as a whole row's, to float32 rounding.
+positions then extend (`_shared_scores`). Rows whose scored inputs are
+the same too (one-token answers: only the target differs) share one
+suffix row and read their targets from its distributions, as lm-eval's
+HFLM does for one-token continuations. The log-probabilities are the same
+as a whole row's, to float32 rounding.
 """
 
 import dataclasses
@@ -47,7 +50,8 @@ def _token_scores(module, variables, inputs, segments, positions, targets):
   scored `positions` of each row: the head runs over those alone."""
   hidden = module.apply(variables, inputs, segments, return_hidden=True)
   hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-  return _head_scores(module, variables, hidden, targets)
+  picked, greedy = _head_scores(module, variables, hidden, targets[..., None])
+  return picked[..., 0], greedy[..., 0]
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
@@ -57,7 +61,7 @@ def _shared_scores(
   """`_token_scores` of rows made of a shared prefix and a suffix: the G
   left-padded prefixes [G, P] fill a KV cache once, row r takes prefix
   `owner[r]`'s cache and feeds its right-padded suffix [R, K], whose K
-  positions are the scored ones."""
+  positions are the scored ones, each read for J targets [R, K, J]."""
   c = module.config
   groups, width = prefix.shape
   rows, k = suffix.shape
@@ -88,24 +92,25 @@ def _shared_scores(
 
 
 def _head_scores(module, variables, hidden, targets):
-  """(log p(target), target is the argmax) of hidden states [B, K, width],
-  the head applied in chunks of positions."""
+  """(log p(target), target is the argmax) of hidden states [B, K, width]
+  for targets [B, K, J] (J targets read from each position's one
+  distribution), the head applied in chunks of positions."""
   b, k, width = hidden.shape
   chunks = k // HEAD_CHUNK if k % HEAD_CHUNK == 0 else 1
   h = hidden.reshape(b, chunks, -1, width).swapaxes(0, 1)
-  t = targets.reshape(b, chunks, -1).swapaxes(0, 1)
+  t = targets.reshape(b, chunks, -1, targets.shape[-1]).swapaxes(0, 1)
 
   def one(xs):
     hh, tt = xs
     logits = module.apply(variables, None, hidden=hh).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, tt[..., None], axis=-1)[..., 0]
-    return picked, jnp.argmax(logits, axis=-1) == tt
+    picked = jnp.take_along_axis(logp, tt, axis=-1)
+    return picked, jnp.argmax(logits, axis=-1)[..., None] == tt
 
   picked, greedy = jax.lax.map(one, (h, t))
   return (
-    picked.swapaxes(0, 1).reshape(b, k),
-    greedy.swapaxes(0, 1).reshape(b, k),
+    picked.swapaxes(0, 1).reshape(targets.shape),
+    greedy.swapaxes(0, 1).reshape(targets.shape),
   )
 
 
@@ -176,26 +181,31 @@ def score_shared(
     for g, p in enumerate(chosen):
       prefix[g, width - len(p) :] = p
       prefix_mask[g, width - len(p) :] = 1
-    members = [
-      (g, i)
-      for g, p in enumerate(chosen[: min(size, len(order) - start)])
-      for i in groups[p]
-    ]
-    n = requests.batch_rows(len(members), 1 << 30)
-    members += [members[0]] * (n - len(members))
-    k = requests.bucket(
-      max(rows[i].n_scored for _, i in members), model.max_length, 1
-    )
-    owner = np.array([g for g, _ in members], np.int32)
+    # Rows of one prefix whose scored inputs are the same (a multiple-choice
+    # question's one-token answers: only their targets differ) share one
+    # suffix row, each reading its targets from that row's distributions.
+    suffixes: dict[tuple, list[int]] = {}
+    for g, p in enumerate(chosen[: min(size, len(order) - start)]):
+      for i in groups[p]:
+        r = rows[i]
+        key = (g, tuple(r.inputs[len(r.inputs) - r.n_scored :]))
+        suffixes.setdefault(key, []).append(i)
+    keys = list(suffixes)
+    n = requests.batch_rows(len(keys), 1 << 30)
+    share = requests.batch_rows(max(map(len, suffixes.values())), 1 << 30)
+    k = requests.bucket(max(len(key[1]) for key in keys), model.max_length, 1)
+    owner = np.zeros(n, np.int32)
     suffix = np.full((n, k), model.pad_id, np.int32)
     suffix_mask = np.zeros((n, k), np.int32)
-    targets = np.zeros((n, k), np.int32)
-    for j, (_, i) in enumerate(members):
-      r = rows[i]
-      m = r.n_scored
-      suffix[j, :m] = r.inputs[len(r.inputs) - m :]
-      suffix_mask[j, :m] = 1
-      targets[j, :m] = r.targets
+    targets = np.zeros((n, k, share), np.int32)
+    for j in range(n):
+      g, tokens = keys[j % len(keys)]  # filler rows repeat the first ones
+      owner[j] = g
+      suffix[j, : len(tokens)] = tokens
+      suffix_mask[j, : len(tokens)] = 1
+      members = suffixes[keys[j % len(keys)]]
+      for s in range(share):
+        targets[j, : len(tokens), s] = rows[members[s % len(members)]].targets
     picked, greedy = jax.device_get(
       _shared_scores(
         model.module,
@@ -208,8 +218,9 @@ def score_shared(
         targets,
       )
     )
-    for j, (_, i) in enumerate(members):
-      out[i] = _totals(picked, greedy, j, rows[i].n_scored)
+    for j, key in enumerate(keys):
+      for s, i in enumerate(suffixes[key]):
+        out[i] = _totals(picked[..., s], greedy[..., s], j, rows[i].n_scored)
   return out
 
 
