@@ -258,11 +258,19 @@ def _losses(workdir, kind="train"):
   }
 
 
-def test_a_dpo_run_prefers_the_chosen_answers(run_dir, tmp_path):
+@pytest.fixture(scope="module")
+def straight(run_dir, tmp_path_factory):
+  """The tiny DPO config's 16 steps, run here: (workdir, final metrics)."""
+  workdir = tmp_path_factory.mktemp("straight")
   final = train.train_and_evaluate(
-    tiny_dpo_config.get_config(str(run_dir)), str(tmp_path)
+    tiny_dpo_config.get_config(str(run_dir)), str(workdir)
   )
-  evals = _losses(tmp_path, "eval")
+  return workdir, final
+
+
+def test_a_dpo_run_prefers_the_chosen_answers(straight):
+  workdir, final = straight
+  evals = _losses(workdir, "eval")
   assert sorted(evals) == [8, 16]
   # At step 0 policy = reference: loss ln 2, rewards 0. After 16 steps
   # the held-out pairs prefer their chosen answers.
@@ -270,33 +278,29 @@ def test_a_dpo_run_prefers_the_chosen_answers(run_dir, tmp_path):
   assert (
     final["margin"] > 0 and final["chosen_reward"] > final["rejected_reward"]
   )
-  first = _losses(tmp_path)[1]
+  first = _losses(workdir)[1]
   assert first["loss"] == pytest.approx(np.log(2), abs=1e-6)
   assert first["margin"] == 0.0
 
 
-def _run_cli(workdir, run_dir, *overrides, wait=True):
-  config = f"tests/tiny_dpo_config.py:{run_dir}"
-  return kill_resume.run_cli(config, workdir, *overrides, wait=wait)
-
-
-def test_sigkill_then_resume_is_bit_identical(run_dir, tmp_path):
-  overrides = [
-    "--config.train.steps=60",
-    "--config.train.eval_every=30",
-    "--config.train.checkpoint_every=10",
-    "--config.train.keep_checkpoints=20",
-  ]
-  straight = tmp_path / "straight"
-  _run_cli(straight, run_dir, *overrides)
+def test_sigkill_then_resume_is_bit_identical(straight, run_dir, tmp_path):
+  """The tiny config on the command line, checkpointing every 2 steps,
+  killed after a checkpoint and resumed here, logs the same numbers, step
+  for step, as the straight run."""
+  workdir, _ = straight
   killed = tmp_path / "killed"
-  proc = _run_cli(killed, run_dir, *overrides, wait=False)
-  resumed_from = kill_resume.kill_after_checkpoint(proc, killed, 20)
-  assert 20 <= resumed_from < 60
-  _run_cli(killed, run_dir, *overrides)
-  a, b = _losses(straight), _losses(killed)
-  assert sorted(a) == sorted(b) == list(range(1, 61))
+  config = f"tests/tiny_dpo_config.py:{run_dir}"
+  proc = kill_resume.run_cli(
+    config, killed, "--config.train.checkpoint_every=2", wait=False
+  )
+  resumed_from = kill_resume.kill_after_checkpoint(proc, killed, 4)
+  assert 4 <= resumed_from < 16
+  resumed = tiny_dpo_config.get_config(str(run_dir))
+  resumed.train.checkpoint_every = 2
+  train.train_and_evaluate(resumed, str(killed))
+  a, b = _losses(workdir), _losses(killed)
+  assert sorted(a) == sorted(b) == list(range(1, 17))
   for step in a:
     for key in ("loss", "grad_norm", "margin", "chosen_reward"):
       assert a[step][key] == b[step][key], (step, key)
-  assert _losses(straight, "eval") == _losses(killed, "eval")
+  assert _losses(workdir, "eval") == _losses(killed, "eval")
