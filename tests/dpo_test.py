@@ -284,19 +284,19 @@ def test_a_dpo_run_prefers_the_chosen_answers(straight):
 
 
 def test_sigkill_then_resume_is_bit_identical(straight, run_dir, tmp_path):
-  """The tiny config on the command line, checkpointing every 2 steps,
+  """The tiny config on the command line, checkpointing at every step,
   killed after a checkpoint and resumed here, logs the same numbers, step
   for step, as the straight run."""
   workdir, _ = straight
   killed = tmp_path / "killed"
   config = f"tests/tiny_dpo_config.py:{run_dir}"
   proc = kill_resume.run_cli(
-    config, killed, "--config.train.checkpoint_every=2", wait=False
+    config, killed, "--config.train.checkpoint_every=1", wait=False
   )
-  resumed_from = kill_resume.kill_after_checkpoint(proc, killed, 4)
-  assert 4 <= resumed_from < 16
+  resumed_from = kill_resume.kill_after_checkpoint(proc, killed, 2)
+  assert 2 <= resumed_from < 16
   resumed = tiny_dpo_config.get_config(str(run_dir))
-  resumed.train.checkpoint_every = 2
+  resumed.train.checkpoint_every = 1
   train.train_and_evaluate(resumed, str(killed))
   a, b = _losses(workdir), _losses(killed)
   assert sorted(a) == sorted(b) == list(range(1, 17))
