@@ -270,12 +270,14 @@ def test_instruction_tuning_answers_by_generation(tmp_path):
 
 def test_main_job_shrunk_instruction_tunes_smollm2(tmp_path, capsys):
   # configs/default.py (the real SmolLM2 GGUF in NF4 + DQ, LoRA on all 210
-  # linear layers) for 2 steps on 16 questions, 8 answered by generation;
-  # its lm-eval task on 2 of its 80 questions (16 requests, not 640).
+  # linear layers) for 2 steps of 4 on 8 questions, 8 others answered by
+  # generation; its lm-eval task on 2 of its 80 questions (16 requests,
+  # not 640).
   from configs import default  # noqa: PLC0415
 
   config = default.get_config()
-  config.data.questions_per_class = 2
+  config.data.questions_per_class = 1
+  config.train.batch_size = 4
   config.data.eval_questions_per_class = 1
   config.data.eval_generate = 8
   config.train.steps = 2
