@@ -57,10 +57,9 @@ def _report_parts(stdout: str) -> list[str]:
 
 def test_minilm_job_shrunk_prints_its_report_and_learns(tmp_path):
   # The MiniLM classifier through the command line, 20 steps instead of
-  # ~215 on docstrings cut to 32 tokens instead of 64 (accuracy 0.53, not
-  # 0.55; the run takes 75 s, not 119 s): stdout is the report and nothing
-  # else, no log record anywhere. Scanned blocks: one block compiles
-  # instead of six (6 s, not 23 s).
+  # ~215, on docstrings cut to 32 tokens (accuracy 0.53; 75 s on 2 shared
+  # cores): stdout is the report and nothing else, no log record anywhere.
+  # Scanned blocks: one block compiles instead of six (6 s, not 23 s).
   workdir = tmp_path / "run"
   cmd = [
     sys.executable,
@@ -271,8 +270,8 @@ def test_instruction_tuning_answers_by_generation(tmp_path):
 def test_main_job_shrunk_instruction_tunes_smollm2(tmp_path, capsys):
   # configs/default.py (the real SmolLM2 GGUF in NF4 + DQ, LoRA on all 210
   # linear layers) for 2 steps of 4 on 8 questions, 8 others answered by
-  # generation; its lm-eval task on 2 of its 80 questions (16 requests,
-  # not 640).
+  # generation; its lm-eval task on 2 of its 80 questions (16 of its 640
+  # requests).
   from configs import default  # noqa: PLC0415
 
   config = default.get_config()
