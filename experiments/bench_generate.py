@@ -4,6 +4,7 @@ llama.cpp (the same Q4_1 file) on the same model and prompts.
 
 python -m experiments.bench_generate [--batches 1,8 --prompt_len 64 \
   --new_tokens 128 --checkpoint smollm2]
+python -m experiments.bench_generate --profile   # where a step goes
 
 SmolLM2-135M-Instruct from its GGUF file by default. Each (implementation,
 weights, batch) runs in its own process: time to first token, and decode
@@ -36,6 +37,11 @@ _PEERS = flags.DEFINE_enum("peers", "auto", ["auto", "on", "off"], "HF.")
 _LLAMA_CPP = flags.DEFINE_enum(
   "llama_cpp", "auto", ["auto", "on", "off"], "llama.cpp rows."
 )
+_PROFILE = flags.DEFINE_bool(
+  "profile",
+  False,
+  "Instead: where our batch-1 decoding step goes, for each weight format.",
+)
 _WORKER = flags.DEFINE_string(
   "worker", None, "Internal: IMPL:WEIGHTS:BATCH:DIR."
 )
@@ -54,7 +60,11 @@ GiB = 2**30
 def _worker(spec: str) -> None:
   impl, weights, batch, folder = spec.split(":", 3)
   batch = int(batch)
-  if impl == "ours":
+  if impl == "parts":
+    result = generate.decode_parts(
+      _CHECKPOINT.value, weights, _PROMPT.value, _NEW.value, folder
+    )
+  elif impl == "ours":
     result = generate.decode_speed(
       _CHECKPOINT.value, weights, batch, _PROMPT.value, _NEW.value, folder
     )
@@ -86,10 +96,35 @@ def _run(impl: str, weights: str, batch: int, folder: str) -> dict:
   )
 
 
+def _profile() -> None:
+  """Milliseconds per batch-1 decoding token: the step, its linear
+  layers' matmuls, its head and the rest, per weight format."""
+  summary = {"profile": True, "cpu_count": os.cpu_count()}
+  with tempfile.TemporaryDirectory() as folder:
+    for weights in ("float", "nf4", "q4_1"):
+      r = _run("parts", weights, 1, folder)
+      step = r["step_ms"]
+      print(
+        f"{LABELS['ours', weights]:<22} step {step:6.2f} ms: matmuls "
+        f"{r['matmuls_ms']:6.2f} ({r['matmuls_ms'] / step:4.0%}, "
+        f"{r['linear_layers']} layers, "
+        f"{r['linear_weight_bytes'] / 2**20:.1f} MiB), {r['head']} head "
+        f"{r['head_ms']:5.2f} ({r['head_ms'] / step:4.0%}), rest "
+        f"{r['rest_ms']:5.2f} ({r['rest_ms'] / step:4.0%})",
+        flush=True,
+      )
+      for key in ("step_ms", "matmuls_ms", "head_ms", "rest_ms"):
+        summary[f"{weights}_{key}"] = round(r[key], 3)
+  print(json.dumps(summary))
+
+
 def main(argv):
   del argv
   if _WORKER.value:
     _worker(_WORKER.value)
+    return
+  if _PROFILE.value:
+    _profile()
     return
   peers = workers.peers_available(
     _PEERS.value, ("torch", "transformers", "bitsandbytes")

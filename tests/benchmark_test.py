@@ -64,3 +64,30 @@ def test_layer_stack_bench_runs_the_engine_step_for_every_mode():
   assert out["full"]["trainable"] == full
   # The frozen 4-bit base is the smallest program: codes are 1/8 of f32.
   assert out["qlora_nf4_dq"]["memory_mib"] < out["lora_f32"]["memory_mib"]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_decode_profile_times_every_linear_layer_and_no_embedding(
+  checkpoint, quantized
+):
+  # The profile's matmul part must run the same weights the decoding step
+  # does: the 7 projections of each layer (shapes from the config), as
+  # QuantizedTensors when quantized, never the embedding table.
+  from qlora_jax import models, quant  # noqa: PLC0415
+  from qlora_jax.bench import generate  # noqa: PLC0415
+
+  lm = models.from_pretrained(
+    checkpoint, quant=generate.NF4_DQ if quantized else None
+  )
+  got = sorted(w.shape for w in generate._linear_weights(lm.variables))
+  want = sorted(
+    [(HEADS * 8, H)] * 4 * LAYERS  # q, k, v (4 heads of 8), o: H x H
+    + [(MLP, H)] * 2 * LAYERS  # gate, up
+    + [(H, MLP)] * LAYERS  # down
+  )
+  assert got == want
+  kinds = {
+    isinstance(w, quant.QuantizedTensor)
+    for w in generate._linear_weights(lm.variables)
+  }
+  assert kinds == {quantized}

@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax import data, models
+from qlora_jax import data, models, nn, quant
 from qlora_jax.engine import profiling, setup
 
 NF4_DQ = {"data_type": "nf4", "block_size": 64, "double_quant": True}
@@ -101,4 +102,84 @@ def decode_speed(
     "compile_s": compile_s,
     "peak_rss_bytes": profiling.peak_rss_bytes(),
     "first_tokens": np.asarray(run(8))[0].tolist(),
+  }
+
+
+def _linear_weights(variables) -> list:
+  """The frozen weights of a decoder's linear layers (QuantizedTensor or
+  float [out, in]), the embedding table and the output head left out."""
+  leaves = jax.tree_util.tree_leaves_with_path(
+    variables.get("base", {}),
+    is_leaf=lambda x: isinstance(x, quant.QuantizedTensor),
+  )
+  return [
+    w
+    for path, w in leaves
+    if jax.tree_util.keystr(path).endswith("['weight']")
+    and "lm_head" not in jax.tree_util.keystr(path)
+    and (isinstance(w, quant.QuantizedTensor) or w.ndim == 2)
+  ]
+
+
+def _loop_seconds(fn, steps: int, repeats: int) -> float:
+  """Median seconds of one iteration of `fn(carry) -> carry` (float32
+  scalar), run `steps` times in one compiled loop: the calls of a decoding
+  step without its dispatch."""
+  loop = jax.jit(lambda c: jax.lax.fori_loop(0, steps, lambda _, v: fn(v), c))
+  jax.block_until_ready(loop(jnp.float32(0)))
+  return _median_seconds(lambda: loop(jnp.float32(0)), repeats) / steps
+
+
+def decode_parts(
+  checkpoint: str,
+  weights: str,
+  prompt_len: int,
+  new_tokens: int,
+  folder,
+  repeats: int = 3,
+) -> dict[str, Any]:
+  """Where a batch-1 greedy decoding step goes: milliseconds per token of
+  the whole step (`decode_speed`), of the linear layers' matmuls alone and
+  of the output head alone. Each part runs the calls the step makes (the
+  same weights, kernel and head, one token), chained so that each waits
+  for the last as in the model, in one compiled loop of `new_tokens`
+  iterations; the rest of the step (attention over the cache, norms,
+  rotary embeddings, token selection, the loop) is the difference."""
+  step = decode_speed(checkpoint, weights, 1, prompt_len, new_tokens, folder)
+  path = setup.resolve_checkpoint(checkpoint)
+  lm = models.from_pretrained(path, quant=WEIGHTS[weights])
+  linears = _linear_weights(lm.variables)
+  hidden = lm.config.hidden_size
+
+  def body_linears(carry):
+    for w in linears:
+      x = jnp.full((1, 1, w.shape[1]), 1e-3, jnp.float32) + carry * 1e-30
+      carry = carry + nn.frozen_matmul(x, w, jnp.float32)[0, 0, 0]
+    return carry
+
+  q8_head = models.decode_head("auto", lm.model, lm.variables)
+
+  def body_head(carry):
+    x = jnp.full((1, 1, hidden), 1e-3, jnp.float32) + carry * 1e-30
+    logits = lm.model.apply(lm.variables, None, hidden=x, decode_head=q8_head)
+    return carry + logits[0, 0, 0]
+
+  steps = new_tokens - 1
+  per_token = 1.0 / step["decode_tokens_per_s"]
+  matmuls = _loop_seconds(body_linears, steps, repeats)
+  head = _loop_seconds(body_head, steps, repeats)
+  weight_bytes = sum(
+    sum(x.nbytes for x in jax.tree_util.tree_leaves(w)) for w in linears
+  )
+  return {
+    "impl": "qlora_jax",
+    "weights": weights,
+    "linear_layers": len(linears),
+    "linear_weight_bytes": weight_bytes,
+    "head": "q8_0" if q8_head is not None else "float",
+    "step_ms": per_token * 1e3,
+    "matmuls_ms": matmuls * 1e3,
+    "head_ms": head * 1e3,
+    "rest_ms": (per_token - matmuls - head) * 1e3,
+    "decode_tokens_per_s": step["decode_tokens_per_s"],
   }
