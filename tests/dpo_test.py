@@ -171,6 +171,21 @@ def test_bad_pairs_are_named_by_file_and_line(run_dir, tmp_path):
     ({"prompt": "the", "rejected": "her"}, 'missing field "chosen"'),
     (dict(good, rejected="have had"), "are the same text"),
     ({"chosen": "a", "rejected": "b"}, 'missing field "prompt"'),
+    (
+      {
+        "messages": [
+          {"role": "user", "content": "the"},
+          {"role": "assistant", "content": "of"},
+        ],
+        "chosen": "have",
+        "rejected": "her",
+      },
+      '"messages" must end with a turn that is not the assistant',
+    ),
+    (
+      {"messages": [], "chosen": "have", "rejected": "her"},
+      "'messages' must be a non-empty list",
+    ),
   ]
   for row, message in cases:
     path = _write(tmp_path / "bad.jsonl", [good, row])

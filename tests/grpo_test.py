@@ -188,6 +188,26 @@ def test_rewards_and_their_rows(tmp_path):
     rewards.resolve("shout", "answer")
 
 
+def test_prompt_rows_without_a_question_name_their_line(tmp_path):
+  # The same reader rule as the preference pairs' (data.readers).
+  path = tmp_path / "p.jsonl"
+  ended = [
+    {"role": "user", "content": "a"},
+    {"role": "assistant", "content": "b"},
+  ]
+  for row, message in (
+    ({"messages": ended}, "must end with a turn that is not the assistant"),
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"answer": "x"}, 'missing field "prompt" \\(or "messages"\\)'),
+  ):
+    path.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps(row))
+    with pytest.raises(ValueError, match=f"p.jsonl:2: .*{message}"):
+      prompts.read_prompt_jsonl(path)
+  ok = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+  path.write_text(json.dumps({"messages": ok}))
+  assert prompts.read_prompt_jsonl(path)[0].messages == tuple(ok)
+
+
 def test_a_prompt_longer_than_the_context_names_its_line(data_dir, tmp_path):
   path = tmp_path / "long.jsonl"
   rows = [{"prompt": "the of", "answer": "have"}]

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qlora_jax.data import arrays, chat
+from qlora_jax.data import arrays, readers
 from qlora_jax.data.encoding import lm_documents
 from qlora_jax.data.readers import (
   ChatExample,
@@ -71,28 +71,16 @@ def read_preference_jsonl(path: str | os.PathLike) -> list[PreferenceExample]:
         "with nothing to prefer"
       )
     examples.append(
-      PreferenceExample(_prompt_messages(obj, where), chosen, rejected, where)
+      PreferenceExample(
+        readers.prompt_messages(
+          obj, where, 'the pair\'s "chosen" and "rejected" are'
+        ),
+        chosen,
+        rejected,
+        where,
+      )
     )
   return _non_empty(examples, path)
-
-
-def _prompt_messages(obj: dict, where: str) -> tuple[dict[str, str], ...]:
-  if "messages" in obj:
-    messages = obj["messages"]
-    try:
-      chat.check_messages(messages, where)
-    except chat.TemplateError as e:
-      raise ValueError(str(e)) from e
-    if messages and messages[-1]["role"] == "assistant":
-      raise ValueError(
-        f'{where}: "messages" ends with an assistant turn; the pair\'s '
-        '"chosen" and "rejected" are the assistant\'s next turn'
-      )
-    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
-  if "prompt" not in obj:
-    raise ValueError(f'{where}: missing field "prompt" (or "messages")')
-  prompt = _text_field(obj, "prompt", where)
-  return ({"role": "user", "content": prompt},)
 
 
 def encode_preference(

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qlora_jax.data import chat
-from qlora_jax.data.readers import _jsonl_objects, _non_empty, _text_field
+from qlora_jax.data import chat, readers
+from qlora_jax.data.readers import _jsonl_objects, _non_empty
 from qlora_jax.data.tokenizer import Tokenizer
 
 
@@ -44,26 +44,12 @@ def read_prompt_jsonl(path: str | os.PathLike) -> list[PromptExample]:
   """Reads `{"prompt" | "messages", ...}` lines."""
   examples = []
   for where, obj in _jsonl_objects(path):
-    examples.append(PromptExample(_messages(obj, where), obj, where))
-  return _non_empty(examples, path)
-
-
-def _messages(obj: dict, where: str) -> tuple[dict[str, str], ...]:
-  if "messages" in obj:
-    messages = obj["messages"]
-    try:
-      chat.check_messages(messages, where)
-    except chat.TemplateError as e:
-      raise ValueError(str(e)) from e
-    if not messages or messages[-1]["role"] == "assistant":
-      raise ValueError(
-        f'{where}: "messages" must end with a turn that is not the '
-        "assistant's: the completion is the assistant's next turn"
+    examples.append(
+      PromptExample(
+        readers.prompt_messages(obj, where, "the completion is"), obj, where
       )
-    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
-  if "prompt" not in obj:
-    raise ValueError(f'{where}: missing field "prompt" (or "messages")')
-  return ({"role": "user", "content": _text_field(obj, "prompt", where)},)
+    )
+  return _non_empty(examples, path)
 
 
 def prompt_ids(e: PromptExample, tokenizer: Tokenizer) -> list[int]:

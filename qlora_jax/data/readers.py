@@ -129,15 +129,39 @@ def read_instruction_jsonl(
   return _non_empty(examples, path)
 
 
-def _messages_field(obj: dict, where: str) -> tuple[dict[str, str], ...]:
+def _checked_messages(obj: dict, where: str) -> tuple[dict[str, str], ...]:
   messages = obj["messages"]
   try:
     chat.check_messages(messages, where)
   except chat.TemplateError as e:
     raise ValueError(str(e)) from e
+  return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
+def _messages_field(obj: dict, where: str) -> tuple[dict[str, str], ...]:
+  messages = _checked_messages(obj, where)
   if not any(m["role"] == "assistant" for m in messages):
     raise ValueError(f"{where}: no assistant message to learn from")
-  return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+  return messages
+
+
+def prompt_messages(
+  obj: dict, where: str, answer: str
+) -> tuple[dict[str, str], ...]:
+  """The conversation a row asks the assistant to answer: its "messages"
+  (not ending with an assistant turn), or its "prompt" as one user turn.
+  `answer` names the row's answer fields, for the error."""
+  if "messages" in obj:
+    messages = _checked_messages(obj, where)
+    if not messages or messages[-1]["role"] == "assistant":
+      raise ValueError(
+        f'{where}: "messages" must end with a turn that is not the '
+        f"assistant's: {answer} the assistant's next turn"
+      )
+    return messages
+  if "prompt" not in obj:
+    raise ValueError(f'{where}: missing field "prompt" (or "messages")')
+  return ({"role": "user", "content": _text_field(obj, "prompt", where)},)
 
 
 def read_classification_jsonl(
