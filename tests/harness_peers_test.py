@@ -8,11 +8,12 @@ through `harness.backend.JaxLM`: per-request log-likelihoods agree within
 are the metrics (perplexities within 1e-4, relative).
 
 `.venv-peers/bin/python -m pytest -s tests/harness_peers_test.py` on 2
-shared CPU cores, 2026-12-07, 3 documents a task, the choices of a
-question scored over their shared context's KV cache: worst relative
-log-likelihood difference 7.7e-6 (0-shot), 8.1e-6 (3-shot), 1.1e-5 (chat
-template, 0-shot), 4.5e-5 (chat template, 3-shot); about 26 minutes in
-all beside other jobs.
+shared CPU cores, 2026-12-07 (commit 7ed20a2), 3 documents a task, the
+choices of a question scored over their shared context's KV cache and its
+one-token answers over one shared row: worst relative log-likelihood
+difference 7.7e-6 (0-shot), 9.1e-6 (3-shot), 1.1e-5 (chat template,
+0-shot), 5.2e-5 (chat template, 3-shot); about 29 minutes in all beside
+other jobs.
 """
 
 import math
