@@ -68,6 +68,14 @@ def decode_speed(
   path = setup.resolve_checkpoint(checkpoint)
   lm = models.from_pretrained(path, quant=WEIGHTS[weights])
   tok = setup.load_tokenizer(path)
+  return _decode_speed(
+    lm, tok, weights, batch, prompt_len, new_tokens, folder, repeats
+  )
+
+
+def _decode_speed(
+  lm, tok, weights, batch, prompt_len, new_tokens, folder, repeats
+) -> dict[str, Any]:
   ids = prompt_ids(tok, batch, prompt_len, folder)
   mask = np.ones_like(ids)
 
@@ -145,9 +153,12 @@ def decode_parts(
   for the last as in the model, in one compiled loop of `new_tokens`
   iterations; the rest of the step (attention over the cache, norms,
   rotary embeddings, token selection, the loop) is the difference."""
-  step = decode_speed(checkpoint, weights, 1, prompt_len, new_tokens, folder)
   path = setup.resolve_checkpoint(checkpoint)
   lm = models.from_pretrained(path, quant=WEIGHTS[weights])
+  tok = setup.load_tokenizer(path)
+  step = _decode_speed(
+    lm, tok, weights, 1, prompt_len, new_tokens, folder, repeats
+  )
   linears = _linear_weights(lm.variables)
   hidden = lm.config.hidden_size
 
