@@ -152,7 +152,11 @@ def test_eight_devices_match_one(data_dir, tmp_path, one_device_run):
     data_dir,
     "--config.mesh.data=4",
     "--config.mesh.fsdp=2",
-    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    # The test session's flags (tests/conftest.py) and eight devices.
+    env={
+      "XLA_FLAGS": os.environ["XLA_FLAGS"]
+      + " --xla_force_host_platform_device_count=8"
+    },
   )
   a, b = _losses(one), _losses(eight)
   assert sorted(a) == sorted(b)
