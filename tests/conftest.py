@@ -23,11 +23,10 @@ newer MLIR fusion emitters compile each fusion through more passes, and
 with them the steps, dense-layer and lowering tests took 122 s on 2 cores
 against 69 s without them, every test passing either way.
 
-Both pytest-xdist workers (`-n 2`) and the command-line runs their tests
-start share the one folder, so a program either worker compiled is read
-back by the other. JAX writes cache entries in place; a cache size limit
-(8 GiB, never reached) makes it hold a file lock around every read and
-write, so no process reads an entry another is still writing.
+With pytest-xdist (`-n 2`) each worker process keeps its own subfolder
+(shared with the command-line runs its tests start): JAX writes cache
+entries in place, so two processes compiling the same program at once
+could otherwise read a half-written entry.
 """
 
 import os
@@ -86,10 +85,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 else:
   _CACHE = None
 
-if os.environ.get(_ROOT_ENV):
-  # A size limit turns on JAX's file lock around each cache read and write
-  # (jax._src.lru_cache), which the processes sharing the folder need.
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and os.environ.get(_ROOT_ENV):
+  _MINE = os.path.join(os.environ[_ROOT_ENV], _WORKER)
+  os.makedirs(_MINE, exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _MINE
 
 
 def pytest_sessionfinish(session, exitstatus):
