@@ -4,8 +4,9 @@
 python -m experiments.sweep --config configs/table10_rl.py --workdir results/table10
 python -m experiments.tables --sweep results/table10
 
-Not run yet. It checks Thinking Machines' claims (2025) that for
-policy-gradient RL LoRA matches full fine-tuning even at rank 1, and that
+Running: results/table10 holds the points finished so far, and the
+sweep resumes from there. It checks Thinking Machines' claims (2025) that
+for policy-gradient RL LoRA matches full fine-tuning even at rank 1, and that
 LoRA's best learning rate is about 10x full fine-tuning's, nearly
 independent of rank. SmolLM2-135M-Instruct learns single-digit sums by
 GRPO (`qlora_jax.data.arithmetic`: 41 training and 58 held-out
