@@ -55,6 +55,20 @@ def _report_parts(stdout: str) -> list[str]:
   return parts
 
 
+def _run_at_level_1(cmd):
+  """Runs `cmd` (a training job that runs more than it compiles) at LLVM
+  level 1 instead of the tests' 0, asserting that it succeeds."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = re.sub(
+    r"(--xla_backend_optimization_level=)0\b", r"\g<1>1", env["XLA_FLAGS"]
+  )
+  proc = subprocess.run(
+    cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
 def test_minilm_job_shrunk_prints_its_report_and_learns(tmp_path):
   # The MiniLM classifier through the command line, 20 steps instead of
   # ~215, on docstrings cut to 32 tokens (accuracy 0.53; 75 s on 2 shared
@@ -75,14 +89,7 @@ def test_minilm_job_shrunk_prints_its_report_and_learns(tmp_path):
   # This job runs more than it compiles: at the tests' LLVM level 0
   # (tests/conftest.py) it takes twice as long (~100 s) as at level 1
   # (~50 s, as fast as XLA's default level), so it runs at level 1.
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = re.sub(
-    r"(--xla_backend_optimization_level=)0\b", r"\g<1>1", env["XLA_FLAGS"]
-  )
-  proc = subprocess.run(
-    cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _run_at_level_1(cmd)
   parts = _report_parts(proc.stdout)
   order = ["summary", "table", "predictions", "final", "paths"]
   assert sorted(set(parts), key=order.index) == order
@@ -288,15 +295,7 @@ def test_main_job_shrunk_instruction_tunes_smollm2(tmp_path):
     "--config.eval.limit=2",
     f"--workdir={tmp_path}",
   ]
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = re.sub(
-    r"(--xla_backend_optimization_level=)0\b", r"\g<1>1", env["XLA_FLAGS"]
-  )
-  proc = subprocess.run(
-    cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
+  out = _run_at_level_1(cmd).stdout
   final = json.loads((tmp_path / "final_metrics.json").read_text())
   assert (
     "210 with adapters, 210 quantized (nf4, block 64 + double quant)" in out
