@@ -3,6 +3,7 @@
 python -m experiments.predict --workdir RUN --input FILE.jsonl --out OUT.jsonl
 python -m experiments.predict --workdir RUN --text "a sentence" --text ...
 python -m experiments.predict --workdir RUN --chat      # a language model
+python -m experiments.predict --workdir RUN --chat --base   # its base
 
 A classification run reads `{"text": ...}` lines (with a `"label"`, the
 accuracy is printed) and writes each line with `predicted`, `probability`
@@ -38,6 +39,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _CHAT = flags.DEFINE_bool(
   "chat", False, "Chat in the terminal: a line in, a streamed answer out."
 )
+_BASE = flags.DEFINE_bool(
+  "base",
+  False,
+  "The run's base instead (its adapters off): the same prompts, template "
+  "and settings, answered as before training.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -57,7 +64,7 @@ def main(argv):
     predict.check_out(
       _WORKDIR.value, _INPUT.value, _OUT.value, _OVERWRITE.value
     )
-  predictor = predict.load(_WORKDIR.value, _STEP.value)
+  predictor = predict.load(_WORKDIR.value, _STEP.value, _BASE.value)
   kwargs = {}
   if _BATCH.value:
     kwargs["batch_size"] = _BATCH.value
@@ -87,9 +94,10 @@ def main(argv):
 def _chat() -> None:
   """A line in, the fine-tuned model's streamed answer out; the
   conversation so far is the context. An empty line or EOF ends it."""
-  predictor = predict.load(_WORKDIR.value, _STEP.value)
+  predictor = predict.load(_WORKDIR.value, _STEP.value, _BASE.value)
   messages = []
-  print("chat with the fine-tuned model (an empty line ends it)", flush=True)
+  which = "base model (adapters off)" if _BASE.value else "fine-tuned model"
+  print(f"chat with the {which} (an empty line ends it)", flush=True)
   # Bytes that are not UTF-8 reach `_decoded` as surrogates.
   sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
   while True:

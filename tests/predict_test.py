@@ -282,3 +282,38 @@ def test_all_empty_completions_are_warned_of(language_model, caplog):
   broken.run.lm.variables = variables
   assert predict.complete(broken, prompts, max_new_tokens=6) == [""] * 3
   assert "all 3 completions are empty" in caplog.text
+
+
+def test_base_is_the_run_with_its_adapters_zeroed(language_model, classifier):
+  # Reference: the trained run with every lora_b set to zero, LoRA's own
+  # init, under which the adapters add exactly nothing. The two programs
+  # differ (one has no adapter ops), so XLA may order the base matmul's
+  # sums differently: float32 agreement to 1e-6 of the largest logit.
+  from qlora_jax import nn as qnn  # noqa: PLC0415
+
+  workdir = language_model.workdir
+  base = predict.load(workdir, base=True)
+  zeroed = predict.load(workdir)
+  flat = qnn.flatten(zeroed.run.lm.variables)
+  assert any(p[-1] == "lora_b" for p in flat)
+  zeroed.run.lm.variables = qnn.unflatten(
+    {p: np.zeros_like(v) if p[-1] == "lora_b" else v for p, v in flat.items()}
+  )
+  ids = np.array([predict.prompt_ids(base.tokenizer, [WORDS[0]])[0]])
+
+  def logits(p):
+    lm = p.run.lm
+    return np.asarray(jax.jit(lm.model.apply)(lm.variables, ids))
+
+  want, got = logits(zeroed), logits(base)
+  np.testing.assert_allclose(got, want, atol=1e-6 * np.abs(want).max())
+  # The trained adapters do change the logits: --base is not the run.
+  trained = logits(language_model)
+  assert np.abs(trained - want).max() > 1e-3 * np.abs(want).max()
+  prompts = [" ".join(WORDS[i : i + 3]) for i in range(4)]
+  assert predict.complete(base, prompts, max_new_tokens=4) == (
+    predict.complete(zeroed, prompts, max_new_tokens=4)
+  )
+  # A classifier's head trains with its adapters: no base to give.
+  with pytest.raises(ValueError, match="--base needs a LoRA run.*model.task"):
+    predict.load(classifier[0], base=True)

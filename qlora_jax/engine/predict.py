@@ -25,7 +25,7 @@ from absl import logging
 from qlora_jax.data import arrays
 from qlora_jax.data.readers import read_records
 from qlora_jax.data.tokenizer import Tokenizer
-from qlora_jax.engine import losses, outputs, prompt_fit, restore, setup
+from qlora_jax.engine import dpo, losses, outputs, prompt_fit, restore, setup
 from qlora_jax.engine.settings import CAUSAL_LM, CLASSIFICATION
 from qlora_jax.models import generation
 
@@ -51,9 +51,38 @@ class Predictor:
   workdir: pathlib.Path
 
 
-def load(workdir: str | os.PathLike, step: int | None = None) -> Predictor:
-  """The run in `workdir` at checkpoint `step` (the latest by default)."""
+def load(
+  workdir: str | os.PathLike, step: int | None = None, base: bool = False
+) -> Predictor:
+  """The run in `workdir` at checkpoint `step` (the latest by default).
+
+  With `base`, the run's model with its adapters off (`dpo.adapters_off`):
+  the base exactly as the run holds it (its quantized weights, the run's
+  chat template and settings), which is what the run started from, since
+  LoRA's B starts at zero. Only a LoRA run of a language model that trains
+  nothing but its adapters has one.
+
+  Raises:
+    ValueError: naming the setting, for `base` on any other run.
+  """
   run = restore.restore(workdir, step)
+  if base:
+    s = run.settings
+    why = None
+    if s.model.task != CAUSAL_LM:
+      why = f"model.task is {s.model.task!r} (its head trains too)"
+    elif s.train.mode != "lora" or not s.lora.enabled:
+      why = f"train.mode {s.train.mode!r} with lora.enabled {s.lora.enabled}"
+    elif s.train.train_modules:
+      why = f"train.train_modules {list(s.train.train_modules)} train too"
+    if why:
+      raise ValueError(
+        f"{workdir}: --base needs a LoRA run that trains only its "
+        f"adapters, and this run's {why}: turning its adapters off does "
+        "not give its base"
+      )
+    lm = dataclasses.replace(run.lm, model=dpo.adapters_off(run.lm.model))
+    run = dataclasses.replace(run, lm=lm)
   tokenizer = run.tokenizer
   if tokenizer is None:
     raise ValueError(
