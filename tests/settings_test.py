@@ -105,3 +105,27 @@ def test_typed_objects_are_built_once_from_the_sections():
   assert full.lora_plan() is None and full.quant_plan() is None
   with pytest.raises(ConfigError, match="quant.data_type: train.mode 'full'"):
     Settings.from_config(_config(train__mode="full"))
+
+
+def test_every_committed_config_passes_the_first_pass():
+  # Each configs/*.py training run (the schema and the sweeps' base
+  # configs included) gives valid settings as committed: a typo in a config's
+  # fields or values fails here, not minutes into its run.
+  import importlib  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+
+  root = pathlib.Path(__file__).resolve().parent.parent / "configs"
+  names = sorted(p.stem for p in root.glob("*.py") if p.stem != "__init__")
+  assert {"base", "default", "gemma3_chat", "table10_rl"} <= set(names)
+  for name in names:
+    module = importlib.import_module(f"configs.{name}")
+    config = module.get_config()
+    if "model" not in config:  # tables 1 and 6 measure, they train nothing
+      assert name in ("table1_dtypes", "table6_perplexity"), name
+      continue
+    if name == "base":  # the schema names no model or data: refused so
+      with pytest.raises(ConfigError, match="model.checkpoint"):
+        Settings.from_config(config)
+      continue
+    s = Settings.from_config(config)
+    assert s.model.checkpoint or s.model.hf_config, name
