@@ -35,27 +35,29 @@ import signal
 import tempfile
 
 # The longest test files, longest first (seconds of one worker on 2 CPU
-# cores, from `--durations=0`: 239, 191, 102, 90, 87, 70, 68, 63, about 60,
-# 62, 48, 46, 45). `--dist loadfile` hands whole files to the two workers
-# in collection order, by default reordered by test count; a long file
-# handed out last keeps one worker busy while the other idles, so the
-# session hands these out first and the short files fill in around them.
+# cores, AMD EPYC with AVX-512, from `--durations=0` on 2026-12-08: 122,
+# 83, 55, 53, 40, 39, 29, 28, 25, 25, 24, 23, 22, 22, 20, 19). `--dist
+# loadfile` hands whole files to the two workers in collection order, by
+# default reordered by test count; a long file handed out last keeps one
+# worker busy while the other idles, so the session hands these out first
+# and the short files fill in around them.
 LONG_FILES = (
-  "dpo_test.py",
-  "grpo_test.py",
   "train_tasks_test.py",
   "train_test.py",
-  "models_smollm2_test.py",
-  "merge_table_test.py",
-  "predict_test.py",
   "models_gemma3_test.py",
+  "models_smollm2_test.py",
+  "dpo_test.py",
+  "predict_test.py",
+  "merge_table_test.py",
   "memory_test.py",
-  "steps_test.py",
-  "predict_families_test.py",
   "sweep_test.py",
-  "interop_gguf_export_test.py",
+  "predict_families_test.py",
+  "grpo_test.py",
   "nn_cpu_kernel_test.py",
-  "lowering_test.py",
+  "interop_export_test.py",
+  "harness_scoring_test.py",
+  "interop_gguf_lora_test.py",
+  "steps_test.py",
 )
 
 # A suite started in the background of a shell without job control
