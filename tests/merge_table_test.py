@@ -221,3 +221,12 @@ def test_best_table_picks_each_rows_best_value_by_the_mean(tmp_path):
   assert rows[1][:2] == ["Full", "0.0001"] and rows[1][-1] == "1"
   text = tables.markdown(spec, points)
   assert "**Best opt.learning_rate of each row** (by the mean)" in text
+  # A reference tied at its best (every rate 0, as a collapsed run) has
+  # no one best rate: both are shown and no ratio is made up.
+  tied = [
+    dict(p, metrics={"pass@1": 0.0}) if p["keys"]["method"] == "Full" else p
+    for p in points
+  ]
+  _, rows = tables.best_rows(spec, tied)
+  assert rows[1] == ["Full", "1e-05 / 0.0001 (tied)", "0.0", "2", "tied"]
+  assert rows[0][-1] == "tied"

@@ -114,12 +114,15 @@ def best_rows(
   spec: dict, points: list[dict]
 ) -> tuple[list[str], list[list[str]]]:
   """(header, rows) of the `best` table: per row label without the
-  `over` key, its best value of `over` by the mean of the metric."""
+  `over` key, its best value of `over` by the mean of the metric. Values
+  whose means tie for the best are all shown, marked "(tied)", and a
+  ratio to the reference's best is given only where both are single
+  values ("tied" otherwise): a tie has no one best to divide by."""
   best = spec["best"]
   over = best["over"]
   key, name, fmt = best["metric"]
   row_keys = [k for k in spec["rows"] if k != over]
-  chosen: dict[tuple, tuple[float, dict]] = {}
+  chosen: dict[tuple, tuple[float, list[dict]]] = {}
   for g in group_points(points, list(spec["rows"])):
     values = [r["metrics"][key] for r in g["runs"] if key in r["metrics"]]
     if not values:
@@ -127,19 +130,27 @@ def best_rows(
     label = tuple(show_value(g["keys"].get(k, "")) for k in row_keys)
     mean = interval(values)[0]
     if label not in chosen or mean > chosen[label][0]:
-      chosen[label] = (mean, g)
+      chosen[label] = (mean, [g])
+    elif mean == chosen[label][0]:
+      chosen[label][1].append(g)
   reference = chosen.get((best.get("reference", ""),))
   short = over.split(".")[-1]
   header = [k.split(".")[-1] for k in row_keys] + [f"best {short}", name, "n"]
   if reference:
     header.append(f"{short} / {best['reference']}'s")
   rows = []
-  for label, (_, g) in chosen.items():
-    value = g["keys"].get(over)
-    row = [*label, show_value(value), cell(g, key, fmt), count(g)]
+  for label, (_, groups) in chosen.items():
+    g = groups[0]
+    shown = " / ".join(show_value(t["keys"].get(over)) for t in groups)
+    if len(groups) > 1:
+      shown += " (tied)"
+    row = [*label, shown, cell(g, key, fmt), count(g)]
     if reference:
-      ratio = float(value) / float(reference[1]["keys"][over])
-      row.append(f"{ratio:.3g}")
+      if len(groups) > 1 or len(reference[1]) > 1:
+        row.append("tied")
+      else:
+        ratio = float(g["keys"][over]) / float(reference[1][0]["keys"][over])
+        row.append(f"{ratio:.3g}")
     rows.append(row)
   return header, rows
 
